@@ -1,0 +1,169 @@
+"""What a search is asked to do: one dataclass, filled from a TOML file and/or CLI flags.
+
+Validation lives here so that a bad value fails before any model is loaded or study is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, malformed or out of range."""
+
+
+SAMPLERS = ("evop", "sleb", "shortgpt", "random", "tpe", "exhaustive")
+FITNESS_NAMES = ("perplexity", "kl")
+OBJECTIVE_MODES = ("mean", "worst", "clusters")
+INVALID_MASK_POLICIES = ("repair", "reject")
+
+
+@dataclass
+class SearchConfig:
+    """A layer-drop search. Exactly one of ``sparsity`` (fraction of layers) or ``drop`` (count)."""
+
+    model: str = "smollm2-135m"
+    sparsity: float | None = None
+    drop: int | None = None
+    sampler: str = "evop"
+    fitness: str = "perplexity"
+    calibration: str = "pydoc"
+    data_dir: str | None = None
+    n_samples: int = 5
+    seq_len: int = 2048
+    ccds_clusters: int = 0
+    objective_mode: str = "mean"
+    seed: int = 0
+    n_trials: int | None = None
+    timeout: float | None = None
+    storage: str | None = None
+    study: str | None = None
+    population: int | None = None
+    protect_ends: bool = True
+    invalid_masks: str = "repair"
+    seed_with: list[str] = field(default_factory=list)
+    device: str | None = None
+    dtype: str | None = None
+    batch_size: int = 1
+    cache_mb: int = 1024
+    heartbeat: int = 20
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the bad value and the fix."""
+        if (self.sparsity is None) == (self.drop is None):
+            raise ConfigError("give exactly one of --sparsity (fraction, e.g. 0.2) or --drop (layer count)")
+        if self.sparsity is not None and not 0 < self.sparsity < 1:
+            raise ConfigError(f"sparsity {self.sparsity} is out of range; use a fraction in (0, 1), e.g. 0.2")
+        if self.drop is not None and self.drop < 1:
+            raise ConfigError(f"drop {self.drop} must be at least 1 layer")
+        _choice("sampler", self.sampler, SAMPLERS)
+        _choice("fitness", self.fitness, FITNESS_NAMES)
+        _choice("objective_mode", self.objective_mode, OBJECTIVE_MODES)
+        _choice("invalid_masks", self.invalid_masks, INVALID_MASK_POLICIES)
+        for name in self.seed_with:
+            _choice("seed_with", name, ("sleb", "shortgpt"))
+        if self.n_samples < 1 or self.seq_len < 2:
+            raise ConfigError(f"calibration needs n_samples >= 1 and seq_len >= 2 (got {self.n_samples} x {self.seq_len})")
+        if self.ccds_clusters < 0:
+            raise ConfigError(f"ccds_clusters {self.ccds_clusters} must be >= 0 (0 turns CCDS off)")
+        if self.ccds_clusters and self.n_samples < self.ccds_clusters:
+            raise ConfigError(
+                f"CCDS with {self.ccds_clusters} clusters needs n_samples >= {self.ccds_clusters} "
+                f"(got {self.n_samples}); raise --n-samples or lower --ccds-clusters"
+            )
+        if self.objective_mode != "mean" and not self.ccds_clusters:
+            raise ConfigError(f"objective_mode {self.objective_mode!r} needs CCDS clusters; set --ccds-clusters K")
+        if self.n_trials is not None and self.n_trials < 1:
+            raise ConfigError(f"n_trials {self.n_trials} must be >= 1")
+        if self.population is not None and self.population < 2:
+            raise ConfigError(f"population {self.population} must be >= 2")
+        if self.heartbeat < 1:
+            raise ConfigError(f"heartbeat {self.heartbeat} must be >= 1 second")
+        if self.batch_size < 1 or self.cache_mb < 0:
+            raise ConfigError("batch_size must be >= 1 and cache_mb >= 0")
+
+    def replace(self, **changes: Any) -> SearchConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"unknown {name} {value!r}; use one of {', '.join(allowed)}")
+
+
+def load_config(path: str | Path, **overrides: Any) -> SearchConfig:
+    """Read a study config TOML (keys of SearchConfig at top level or under [search]).
+
+    ``overrides`` (e.g. CLI flags that were given) win over the file; None values are ignored.
+    """
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    data = data.get("search", data)
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: [search] must be a table")
+    known = {f.name for f in fields(SearchConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown keys {unknown}; known keys: {sorted(known)}")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return from_dict(data, origin=str(path))
+
+
+def from_dict(data: dict[str, Any], origin: str = "config") -> SearchConfig:
+    """Build a SearchConfig from plain values, turning type errors into ConfigError."""
+    types = {f.name: f.type for f in fields(SearchConfig)}
+    clean: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in types:
+            raise ConfigError(f"{origin}: unknown key {key!r}")
+        clean[key] = _coerce(key, value, str(types[key]), origin)
+    return SearchConfig(**clean)
+
+
+def _coerce(key: str, value: Any, type_name: str, origin: str) -> Any:
+    if value is None:
+        return None
+    try:
+        if type_name.startswith("bool"):
+            if isinstance(value, bool):
+                return value
+            raise TypeError
+        if type_name.startswith("int"):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if type_name.startswith("float"):
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if type_name.startswith("list"):
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise TypeError
+            return list(value)
+        if not isinstance(value, str):
+            raise TypeError
+        return value
+    except (TypeError, ValueError):
+        raise ConfigError(f"{origin}: {key} = {value!r} is not a valid {type_name}") from None

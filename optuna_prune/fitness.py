@@ -1,0 +1,364 @@
+"""Fitness of a drop mask on the calibration set: perplexity (EvoP/SLEB) or KL to the dense model (EvoPress).
+
+A search scores thousands of masks, so the fitness never reruns what it already knows:
+
+* the dense model runs once; the input of every decoder layer (and the keyword arguments each layer
+  received: attention mask, rotary embeddings, ...) is kept, so a mask whose first dropped layer is j
+  starts from the dense input of layer j + 1;
+* hidden states after each layer of recently scored masks live in a byte-bounded LRU cache keyed by the
+  mask prefix, so a candidate that shares its first p layers with a recent one resumes at layer p;
+* identical masks are looked up, not recomputed;
+* the loss is a mean of non-negative per-token terms, so a candidate stops exactly as soon as its
+  partial sum shows it cannot beat ``stop_above`` (the result is then a lower bound, flagged incomplete).
+
+Everything here is model side: it knows nothing of Optuna.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from optuna_prune.calibration import CalibrationSet
+from optuna_prune.devices import inference_mode
+from optuna_prune.layers import check_drop, find_layer_stack, lm_tail, masked
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A candidate's loss is NaN or inf (e.g. fp16 overflow): a failed candidate, never a good score."""
+
+
+@dataclass(frozen=True)
+class SampleLoss:
+    """Loss of one calibration sample: sum of per-token terms and their count."""
+
+    index: int
+    loss_sum: float
+    n_tokens: int
+
+    @property
+    def mean(self) -> float:
+        return self.loss_sum / self.n_tokens
+
+
+@dataclass(frozen=True)
+class FitnessResult:
+    """Mean per-token loss of a mask; a lower bound of it when ``complete`` is False (stopped early)."""
+
+    dropped: tuple[int, ...]
+    value: float
+    samples: tuple[SampleLoss, ...]
+    complete: bool
+    layer_forwards: int
+    total_tokens: int
+
+    @property
+    def per_sample(self) -> tuple[float, ...]:
+        return tuple(s.mean for s in self.samples)
+
+
+class _Batch:
+    """One batch of calibration samples with what the dense pass recorded for it."""
+
+    def __init__(self, indices: list[int], input_ids: torch.Tensor) -> None:
+        self.indices = indices
+        self.input_ids = input_ids
+        self.layer_args: list[tuple[tuple[Any, ...], dict[str, Any], bool]] = []
+        self.dense_inputs: list[torch.Tensor] = []  # input of layer j, j = 0..L (L: last output)
+        self.dense_loss_sums: list[float] = []
+
+
+class PrefixCache:
+    """Byte-bounded LRU of hidden states keyed by (batch, mask prefix)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.hits = 0
+        self._items: OrderedDict[tuple[int, bytes], torch.Tensor] = OrderedDict()
+
+    def get(self, key: tuple[int, bytes]) -> torch.Tensor | None:
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+            self.hits += 1
+        return value
+
+    def put(self, key: tuple[int, bytes], value: torch.Tensor) -> None:
+        size = value.numel() * value.element_size()
+        if size > self.max_bytes or key in self._items:
+            return
+        self._items[key] = value
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, old = self._items.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def _call_layer(layer: nn.Module, hidden: torch.Tensor, recorded: tuple) -> torch.Tensor:
+    args, kwargs, hidden_is_kwarg = recorded
+    out = layer(**kwargs, hidden_states=hidden) if hidden_is_kwarg else layer(hidden, *args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+class Fitness(abc.ABC):
+    """Scores drop masks on a fixed calibration set; lower is better.
+
+    Subclasses define the per-token loss (``_loss_sums``). ``evaluate`` is the one entry point a
+    search needs; ``iter_samples`` yields per-sample losses as they are computed.
+    """
+
+    name: str = "fitness"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        calibration: CalibrationSet,
+        *,
+        batch_size: int = 1,
+        cache_bytes: int = 1 << 30,
+        verify: bool = True,
+    ) -> None:
+        self.model = model
+        self.calibration = calibration
+        self.stack = find_layer_stack(model)
+        self.num_layers = self.stack.num_layers
+        self.device = next(model.parameters()).device
+        self._tail = lm_tail(model)
+        self.cache = PrefixCache(cache_bytes)
+        self._memo: dict[tuple[int, ...], FitnessResult] = {}
+        self.layer_forwards = 0
+        ids = calibration.input_ids
+        self.total_tokens = ids.shape[0] * (ids.shape[1] - 1)
+        self._batches = [
+            _Batch(list(range(s, min(s + batch_size, ids.shape[0]))), ids[s : s + batch_size])
+            for s in range(0, ids.shape[0], batch_size)
+        ]
+        self._record_dense()
+        if verify:
+            self._verify()
+
+    # ---- dense pass -------------------------------------------------------------------------
+    def _record_dense(self) -> None:
+        """Run the dense model once per batch, keeping each layer's inputs and keyword arguments."""
+        layers = self.stack.layers
+        for batch in self._batches:
+            records: list[Any] = [None] * len(layers)
+
+            def pre_hook(module, args, kwargs, _i=None):  # noqa: ANN001
+                if "hidden_states" in kwargs:
+                    hidden = kwargs["hidden_states"]
+                    rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                    records[_i] = ((), rest, True)
+                else:
+                    hidden = args[0]
+                    records[_i] = (args[1:], dict(kwargs), False)
+                batch.dense_inputs.append(hidden.detach())
+
+            def post_hook(module, args, output):  # noqa: ANN001
+                out = output[0] if isinstance(output, tuple) else output
+                batch.dense_inputs.append(out.detach())
+
+            handles = [
+                layer.register_forward_pre_hook(
+                    lambda m, a, k, _i=i: pre_hook(m, a, k, _i), with_kwargs=True
+                )
+                for i, layer in enumerate(layers)
+            ]
+            handles.append(layers[-1].register_forward_hook(post_hook))
+            try:
+                with inference_mode(self.device):
+                    self.model(input_ids=batch.input_ids.to(self.device), use_cache=False)
+            finally:
+                for h in handles:
+                    h.remove()
+            if len(batch.dense_inputs) != len(layers) + 1 or any(r is None for r in records):
+                raise RuntimeError(
+                    f"{type(self.model).__name__}: the forward pass did not call every decoder layer once"
+                )
+            batch.layer_args = records
+            with inference_mode(self.device):
+                sums = self._loss_sums(self._tail(batch.dense_inputs[-1]), batch, dense=True)
+            batch.dense_loss_sums = [float(s) for s in sums]
+
+    def _verify(self) -> None:
+        """Check that replaying layers + tail reproduces the model's own logits (catches odd layouts)."""
+        batch = self._batches[0]
+        with inference_mode(self.device):
+            logits = self.model(input_ids=batch.input_ids.to(self.device), use_cache=False).logits
+            replay = self._tail(batch.dense_inputs[-1])
+        if not torch.allclose(logits.float(), replay.float(), rtol=1e-3, atol=1e-3):
+            raise RuntimeError(
+                f"{type(self.model).__name__}: layer-by-layer replay does not reproduce the model's "
+                "forward pass; this architecture is unsupported"
+            )
+
+    def dense_hidden_states(self) -> Iterator[list[torch.Tensor]]:
+        """Per batch, the dense input of every layer and the last layer's output (L + 1 tensors)."""
+        for batch in self._batches:
+            yield batch.dense_inputs
+
+    # ---- loss -------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def _loss_sums(self, logits: torch.Tensor, batch: _Batch, dense: bool = False) -> torch.Tensor:
+        """Per-sample sums of the non-negative per-token loss, shape [batch]."""
+
+    @property
+    def dense_value(self) -> float:
+        """The dense model's loss (a floor for KL: 0; for perplexity: the dense log-perplexity)."""
+        total = sum(sum(b.dense_loss_sums) for b in self._batches)
+        return total / self.total_tokens
+
+    # ---- masked passes ----------------------------------------------------------------------
+    def _hidden_after_layers(self, b: int, batch: _Batch, drop_bits: bytes) -> torch.Tensor:
+        """Output of the last layer under the mask, resuming from the longest cached prefix."""
+        L = self.num_layers
+        first = drop_bits.index(1) if 1 in drop_bits else L
+        start, hidden = first, batch.dense_inputs[first]
+        for p in range(L, first, -1):
+            cached = self.cache.get((b, drop_bits[:p]))
+            if cached is not None:
+                start, hidden = p, cached
+                break
+        layers = self.stack.layers
+        for j in range(start, L):
+            if not drop_bits[j]:
+                hidden = _call_layer(layers[j], hidden, batch.layer_args[j])
+                self.layer_forwards += 1
+            if j + 1 < L:
+                self.cache.put((b, drop_bits[: j + 1]), hidden)
+        return hidden
+
+    def iter_samples(self, dropped: Sequence[int]) -> Iterator[SampleLoss]:
+        """Yield per-sample losses of the masked model as they are computed."""
+        dropped = check_drop(self.num_layers, dropped)
+        bits = bytes(1 if i in dropped else 0 for i in range(self.num_layers))
+        for b, batch in enumerate(self._batches):
+            if not dropped:
+                sums = batch.dense_loss_sums
+            else:
+                with inference_mode(self.device):
+                    hidden = self._hidden_after_layers(b, batch, bits)
+                    sums = self._loss_sums(self._tail(hidden), batch).tolist()
+            for idx, s in zip(batch.indices, sums):
+                if not math.isfinite(s):
+                    raise NonFiniteLossError(
+                        f"loss of mask {list(dropped)} is {s} on calibration sample {idx}"
+                    )
+                yield SampleLoss(idx, s, batch.input_ids.shape[1] - 1)
+
+    def evaluate(self, dropped: Sequence[int], stop_above: float | None = None) -> FitnessResult:
+        """Mean per-token loss of the mask; stops exactly once it must exceed ``stop_above``."""
+        key = check_drop(self.num_layers, dropped)
+        known = self._memo.get(key)
+        if known is not None and (known.complete or (stop_above is not None and known.value > stop_above)):
+            return known
+        forwards_before = self.layer_forwards
+        samples: list[SampleLoss] = []
+        partial = 0.0
+        complete = True
+        n_samples = self.calibration.input_ids.shape[0]
+        for sample in self.iter_samples(key):
+            samples.append(sample)
+            partial += sample.loss_sum
+            if stop_above is not None and len(samples) < n_samples and partial / self.total_tokens > stop_above:
+                complete = False
+                break
+        result = FitnessResult(
+            dropped=key,
+            value=partial / self.total_tokens,
+            samples=tuple(samples),
+            complete=complete,
+            layer_forwards=self.layer_forwards - forwards_before,
+            total_tokens=self.total_tokens,
+        )
+        self._memo[key] = result
+        return result
+
+
+class PerplexityFitness(Fitness):
+    """Mean next-token negative log-likelihood (log-perplexity) on the calibration samples (EvoP, SLEB)."""
+
+    name = "perplexity"
+
+    def _loss_sums(self, logits: torch.Tensor, batch: _Batch, dense: bool = False) -> torch.Tensor:
+        targets = batch.input_ids[:, 1:].to(logits.device)
+        nll = F.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), targets, reduction="none"
+        )
+        return nll.sum(dim=1)
+
+
+class KLFitness(Fitness):
+    """Mean KL(dense || masked) of the next-token distributions (EvoPress); 0 for the dense model."""
+
+    name = "kl"
+
+    def __init__(self, *args: Any, dense_cache_bytes: int = 1 << 30, **kwargs: Any) -> None:
+        self._dense_logp: dict[int, torch.Tensor] = {}
+        self._dense_cache_bytes = dense_cache_bytes
+        super().__init__(*args, **kwargs)
+
+    def _dense_log_probs(self, batch: _Batch) -> torch.Tensor:
+        key = batch.indices[0]
+        cached = self._dense_logp.get(key)
+        if cached is not None:
+            return cached
+        logp = torch.log_softmax(self._tail(batch.dense_inputs[-1])[:, :-1].float(), dim=-1)
+        used = sum(t.numel() * t.element_size() for t in self._dense_logp.values())
+        if used + logp.numel() * logp.element_size() <= self._dense_cache_bytes:
+            self._dense_logp[key] = logp
+        return logp
+
+    def _loss_sums(self, logits: torch.Tensor, batch: _Batch, dense: bool = False) -> torch.Tensor:
+        if dense:
+            return torch.zeros(logits.shape[0])
+        logq = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        kl = F.kl_div(logq, self._dense_log_probs(batch), log_target=True, reduction="none")
+        # Clamp rounding noise: KL is non-negative per token, which the exact early stop relies on.
+        return kl.sum(dim=-1).clamp_min(0).sum(dim=1)
+
+
+FITNESSES: dict[str, type[Fitness]] = {"perplexity": PerplexityFitness, "kl": KLFitness}
+
+
+def make_fitness(name: str, model: nn.Module, calibration: CalibrationSet, **kwargs: Any) -> Fitness:
+    """Build a fitness by name ("perplexity" or "kl")."""
+    if name not in FITNESSES:
+        raise ValueError(f"unknown fitness {name!r}; use one of {sorted(FITNESSES)}")
+    return FITNESSES[name](model, calibration, **kwargs)
+
+
+def plain_forward_loss(
+    model: nn.Module, calibration: CalibrationSet, dropped: Sequence[int], kind: str = "perplexity"
+) -> float:
+    """SLEB's way: toggle the layers in place and run the whole pruned model (the reference result)."""
+    device = next(model.parameters()).device
+    ids = calibration.input_ids
+    total = 0.0
+    dense_logp: list[torch.Tensor] = []
+    if kind == "kl":
+        with inference_mode(device):
+            for row in ids:
+                logits = model(input_ids=row[None].to(device), use_cache=False).logits
+                dense_logp.append(torch.log_softmax(logits[:, :-1].float(), dim=-1))
+    with masked(model, dropped), inference_mode(device):
+        for i, row in enumerate(ids):
+            logits = model(input_ids=row[None].to(device), use_cache=False).logits[:, :-1].float()
+            if kind == "kl":
+                logq = torch.log_softmax(logits, dim=-1)
+                total += float(F.kl_div(logq, dense_logp[i], log_target=True, reduction="sum"))
+            else:
+                total += float(F.cross_entropy(logits[0], row[1:].to(device), reduction="sum"))
+    return total / (ids.shape[0] * (ids.shape[1] - 1))

@@ -1,0 +1,29 @@
+"""Samplers that propose which layers to drop: EvoP, SLEB, random and exhaustive search.
+
+All of them subclass :class:`MaskSampler`, propose exact-k masks of a
+:class:`~optuna_prune.space.LayerMaskSpace` as ``layer_xx`` params, and keep their state in the
+study's storage. They use only Optuna and numpy, so they work for any exact-k subset problem.
+"""
+
+from optuna_prune.samplers.base import MASK_KEY, SURPLUS_KEY, MaskSampler, trial_loss, trial_mask
+from optuna_prune.samplers.evop import ORIGIN_KEY, PARENTS_KEY, EvoPSampler
+from optuna_prune.samplers.exhaustive import ExhaustiveMaskSampler
+from optuna_prune.samplers.random_mask import RandomMaskSampler
+from optuna_prune.samplers.sleb import STEP_KEY, SLEBError, SLEBSampler, sleb_result
+
+__all__ = [
+    "MASK_KEY",
+    "ORIGIN_KEY",
+    "PARENTS_KEY",
+    "STEP_KEY",
+    "SURPLUS_KEY",
+    "EvoPSampler",
+    "ExhaustiveMaskSampler",
+    "MaskSampler",
+    "RandomMaskSampler",
+    "SLEBError",
+    "SLEBSampler",
+    "sleb_result",
+    "trial_loss",
+    "trial_mask",
+]

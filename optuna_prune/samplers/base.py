@@ -1,0 +1,354 @@
+"""What every layer-mask sampler shares: one proposal per trial, made in ``before_trial``.
+
+A mask sampler decides a trial's whole mask at once, in ``before_trial``, and stores it as the
+trial system attr ``MASK_KEY`` before the objective runs; ``sample_relative`` then only hands it
+out as the ``layer_xx`` params. Deciding early lets concurrent workers see each other's running
+candidates (no duplicates), lets the sampler attach hints for the objective (``STOP_ABOVE_KEY``,
+``ALLOW_PARTIAL_KEY``), and gives one place to wait for other workers. Nothing that matters is
+kept in memory: every decision is recomputed from storage, so resumed runs and several workers
+continue the same search. A new method is one subclass that implements :meth:`_propose`.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import copy
+import itertools
+import logging
+import math
+import time
+import warnings
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.exceptions import ExperimentalWarning
+from optuna.samplers import BaseSampler, RandomSampler
+from optuna.samplers._lazy_random_state import LazyRandomState
+from optuna.storages._heartbeat import is_heartbeat_enabled
+from optuna.study import Study
+from optuna.trial import FrozenTrial, TrialState
+
+from optuna_prune.space import METHOD_KEY, STOP_ABOVE_KEY, LayerMaskSpace, SpaceError
+
+_logger = logging.getLogger(__name__)
+
+MASK_KEY = "optuna_prune:mask"
+"""Trial system attr: the dropped layers the sampler proposed (sorted list of ints)."""
+SURPLUS_KEY = "optuna_prune:surplus"
+"""Trial system attr: True on a trial asked for after the search was exhausted (see _surplus)."""
+FIXED_PARAMS_KEY = "fixed_params"  # where Optuna's enqueue_trial keeps the enqueued params
+_LONG_WAIT = 600.0  # seconds of waiting on the same trials before a warning
+_ENUMERATE_LIMIT = 100_000  # below this many masks, a random search may list the unseen ones
+
+
+@dataclass
+class Proposal:
+    """One trial's mask plus the system attrs to store with it."""
+
+    dropped: tuple[int, ...]
+    attrs: dict[str, Any] = field(default_factory=dict)
+    stop: bool = False  # the search is exhausted: call study.stop() after this trial
+
+
+@dataclass
+class Wait:
+    """No proposal yet: these running trials (numbers) of other workers must finish first."""
+
+    on: tuple[int, ...]
+
+
+def trial_mask(trial: FrozenTrial, space: LayerMaskSpace) -> tuple[int, ...] | None:
+    """The dropped layers of any trial: proposed, already suggested, or enqueued; else None."""
+    proposed = trial.system_attrs.get(MASK_KEY)
+    if proposed is not None:
+        return tuple(int(i) for i in proposed)
+    for params in (trial.params, trial.system_attrs.get(FIXED_PARAMS_KEY) or {}):
+        if all(name in params for name in space.param_names):
+            return space.dropped_from_params(params)
+    return None
+
+
+def trial_loss(trial: FrozenTrial) -> tuple[float, bool] | None:
+    """(loss, exact) of a finished single-objective trial, or None if it has none.
+
+    COMPLETE trials are exact. A PRUNED trial carries its loss as last intermediate value; it
+    is exact only if the objective says it was not ``stopped_early`` (else it is a lower bound).
+    """
+    if trial.state == TrialState.COMPLETE and trial.values is not None and len(trial.values) == 1:
+        return float(trial.values[0]), True
+    if trial.state == TrialState.PRUNED and trial.intermediate_values:
+        value = trial.intermediate_values[max(trial.intermediate_values)]
+        return float(value), trial.user_attrs.get("stopped_early") is False
+    return None
+
+
+def _stop(study: Study) -> None:
+    with contextlib.suppress(RuntimeError):  # ask-and-tell outside study.optimize: no loop
+        study.stop()
+
+
+class MaskSampler(BaseSampler, abc.ABC):
+    """Base class of the samplers that propose exact-k layer masks of a :class:`LayerMaskSpace`.
+
+    Subclasses set ``method`` (stored as ``METHOD_KEY`` on every trial they handle) and implement
+    :meth:`_propose`, which may return :class:`Wait` until other workers finish running trials.
+    An enqueued trial (``study.enqueue_trial(space.to_params(dropped))``) must fix every layer
+    param; the sampler then tags it and, where it matters (EvoP), counts it in the search.
+    ``poll_interval`` (seconds) sets how often a waiting sampler rereads storage.
+
+    Args:
+        space: The masks to search.
+        seed: Fixes every random choice. With a seed, a trial's random state is derived from
+            (seed, method, trial number), so a resumed run or a second worker proposes what an
+            uninterrupted single run would, and same-seeded workers do not collide.
+    """
+
+    method: ClassVar[str] = "mask"
+    poll_interval: float = 0.5  # seconds between storage polls while waiting for other workers
+
+    def __init__(self, space: LayerMaskSpace, *, seed: int | None = None) -> None:
+        if not isinstance(space, LayerMaskSpace):
+            raise TypeError(f"space must be a LayerMaskSpace, got {type(space).__name__}")
+        self._space = space
+        self._seed = seed
+        self._rng = LazyRandomState(seed)
+        self._random_sampler = RandomSampler(seed=seed)
+
+    @property
+    def space(self) -> LayerMaskSpace:
+        return self._space
+
+    def reseed_rng(self) -> None:
+        self._rng.rng.seed()
+        self._random_sampler.reseed_rng()
+
+    def config(self) -> dict[str, Any]:
+        """What a resumed run must share with the run that started this method in the study."""
+        return {"space": self._space.to_dict()}
+
+    @classmethod
+    def config_key(cls) -> str:
+        """The study system attr holding :meth:`config` of the first run of this method."""
+        return f"optuna_prune:{cls.method}:config"
+
+    # --- Optuna sampler interface -------------------------------------------------------------
+
+    def infer_relative_search_space(
+        self, study: Study, trial: FrozenTrial
+    ) -> dict[str, BaseDistribution]:
+        return dict(self._space.distributions())
+
+    def sample_relative(
+        self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        if not search_space:
+            return {}
+        params = self._space.to_params(self._stored_proposal(study, trial))
+        return {name: params[name] for name in search_space if name in params}
+
+    def sample_independent(
+        self,
+        study: Study,
+        trial: FrozenTrial,
+        param_name: str,
+        param_distribution: BaseDistribution,
+    ) -> Any:
+        if param_name in self._space.param_names:
+            return self._space.to_params(self._stored_proposal(study, trial))[param_name]
+        return self._random_sampler.sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study: Study, trial: FrozenTrial) -> None:
+        storage = study._storage
+        try:
+            storage.set_trial_system_attr(trial._trial_id, METHOD_KEY, self.method)
+            self._check_config(study)
+            seed = self._preset_mask(trial)
+            proposal = self._wait_for_proposal(study, trial, seed)
+            storage.set_trial_system_attr(trial._trial_id, MASK_KEY, list(proposal.dropped))
+            for key, value in proposal.attrs.items():
+                storage.set_trial_system_attr(trial._trial_id, key, value)
+            if proposal.stop:
+                _stop(study)
+        except BaseException:
+            # The trial is already RUNNING: fail it, so an interrupt or a configuration error
+            # leaves no zombie that other workers would wait for.
+            with contextlib.suppress(Exception):  # keep the original error
+                storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            raise
+
+    def after_trial(
+        self,
+        study: Study,
+        trial: FrozenTrial,
+        state: TrialState,
+        values: Sequence[float] | None,
+    ) -> None:
+        if state == TrialState.FAIL:
+            return
+        storage = study._storage
+        if storage.get_n_trials(study._study_id) < self._space.n_candidates:
+            return  # cheap: the space cannot be exhausted yet
+        trials = storage.get_all_trials(study._study_id, deepcopy=False)
+        if self._exhausted(self._seen(trials)):
+            _stop(study)
+
+    # --- for subclasses ------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _propose(
+        self,
+        study: Study,
+        trial: FrozenTrial,
+        trials: list[FrozenTrial],
+        seed: tuple[int, ...] | None,
+    ) -> Proposal | Wait:
+        """The mask for ``trial``, given all trials in storage, or Wait to ask again later.
+
+        ``seed`` is the mask of an enqueued or retried trial (see :meth:`_preset_mask`).
+        """
+
+    def _trial_rng(self, trial: FrozenTrial) -> np.random.RandomState:
+        if self._seed is None:
+            return self._rng.rng
+        salt = zlib.crc32(self.method.encode())
+        entropy = np.random.SeedSequence([int(self._seed) % 2**63, salt, trial.number])
+        return np.random.RandomState(entropy.generate_state(4))
+
+    def _seen(self, trials: list[FrozenTrial], exclude: int | None = None) -> set[tuple[int, ...]]:
+        """Masks already in the study (any method and state but FAIL: a failed one may return)."""
+        seen: set[tuple[int, ...]] = set()
+        for t in trials:
+            if t.state == TrialState.FAIL or t.number == exclude:
+                continue
+            mask = trial_mask(t, self._space)
+            if mask is not None:
+                seen.add(mask)
+        return seen
+
+    def _exhausted(self, seen: set[tuple[int, ...]]) -> bool:
+        n = self._space.n_candidates
+        return len(seen) >= n and sum(self._space.is_valid(m) for m in seen) >= n
+
+    def _random_unseen(
+        self, rng: np.random.RandomState, seen: set[tuple[int, ...]], tries: int = 64
+    ) -> tuple[int, ...] | None:
+        """A uniformly random valid mask not in ``seen``; None when every mask was seen.
+
+        Spaces of more than 100k masks are not listed: there, None means ``tries`` random
+        draws were all seen, which only happens when nearly the whole space was tried.
+        """
+        for _ in range(tries):
+            dropped = self._space.from_array(self._space.random_mask(rng))
+            if dropped not in seen:
+                return dropped
+        if self._space.n_candidates > _ENUMERATE_LIMIT:
+            return None
+        unseen = [
+            c
+            for c in itertools.combinations(self._space.droppable, self._space.num_drop)
+            if c not in seen
+        ]
+        return unseen[rng.randint(len(unseen))] if unseen else None
+
+    def _surplus(self, dropped: tuple[int, ...]) -> Proposal:
+        """A trial asked for after the search ended: repeat a known mask and stop at once.
+
+        Optuna has already created the trial, so it must get some mask. ``STOP_ABOVE = -inf``
+        lets the objective give up after its first sample, and ``study.stop()`` ends the loop.
+        """
+        return Proposal(dropped, {STOP_ABOVE_KEY: -math.inf, SURPLUS_KEY: True}, stop=True)
+
+    # --- internals -----------------------------------------------------------------------------
+
+    def _preset_mask(self, trial: FrozenTrial) -> tuple[int, ...] | None:
+        """The mask of a trial decided before the sampler saw it, else None.
+
+        That is an enqueued trial (``fixed_params``) or the copy of a stale trial that
+        ``RetryHeartbeatStaleTrialCallback`` re-enqueued with its params (and system attrs).
+        """
+        for params in (trial.system_attrs.get(FIXED_PARAMS_KEY) or {}, trial.params):
+            if all(name in params for name in self._space.param_names):
+                return self._space.dropped_from_params(params)
+        return None
+
+    def _stored_proposal(self, study: Study, trial: FrozenTrial) -> tuple[int, ...]:
+        attrs = study._storage.get_trial_system_attrs(trial._trial_id)
+        if MASK_KEY in attrs:
+            return tuple(int(i) for i in attrs[MASK_KEY])
+        # before_trial did not run through this sampler (e.g. the sampler was swapped mid-trial).
+        dropped = self._space.from_array(self._space.random_mask(self._trial_rng(trial)))
+        study._storage.set_trial_system_attr(trial._trial_id, MASK_KEY, list(dropped))
+        return dropped
+
+    def _check_config(self, study: Study) -> None:
+        key = self.config_key()
+        stored = study._storage.get_study_system_attrs(study._study_id).get(key)
+        mine = self.config()
+        if stored is None:
+            study._storage.set_study_system_attr(study._study_id, key, mine)
+        elif stored != mine:
+            raise SpaceError(
+                f"study {study.study_name!r} was searched by {self.method} with {stored}, "
+                f"but this sampler has {mine}; use the same settings to resume or a new study"
+            )
+
+    def _wait_for_proposal(
+        self, study: Study, trial: FrozenTrial, seed: tuple[int, ...] | None
+    ) -> Proposal:
+        # Poll without a timeout: a long LLM evaluation elsewhere is normal. Ctrl-C interrupts
+        # the sleep; with heartbeats on, trials of dead workers are failed so the wait ends.
+        waited_on: tuple[int, ...] | None = None
+        since = warned = time.monotonic()
+        while True:
+            trials = study._storage.get_all_trials(study._study_id, deepcopy=False)
+            result = self._propose(study, trial, trials, seed)
+            if isinstance(result, Proposal):
+                return result
+            now = time.monotonic()
+            if result.on != waited_on:
+                waited_on, since = result.on, now
+                _logger.info(
+                    "trial %d (%s) waits for running trials %s",
+                    trial.number,
+                    self.method,
+                    list(result.on),
+                )
+            elif now - since > _LONG_WAIT and now - warned > _LONG_WAIT:
+                warned = now
+                hint = (
+                    "their workers' heartbeats are checked"
+                    if is_heartbeat_enabled(study._storage)
+                    else "heartbeats are off: if their workers died, stop this one and mark "
+                    "those trials FAIL, or use a storage with heartbeat_interval"
+                )
+                _logger.warning(
+                    "trial %d (%s) has waited %.0f s for running trials %s; %s",
+                    trial.number,
+                    self.method,
+                    now - since,
+                    list(result.on),
+                    hint,
+                )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
+            time.sleep(self.poll_interval)
+
+    def _with_state(
+        self,
+        trials: list[FrozenTrial],
+        trial: FrozenTrial,
+        state: TrialState,
+        values: Sequence[float] | None,
+    ) -> list[FrozenTrial]:
+        """``trials`` with ``trial`` as it will be once told (after_trial runs before storage)."""
+        told = copy.copy(trial)
+        told.state = state
+        told.values = list(values) if values is not None and state == TrialState.COMPLETE else None
+        return [told if t.number == trial.number else t for t in trials]

@@ -1,0 +1,247 @@
+"""The search space: which k of an LLM's L decoder layers to drop, as Optuna parameters.
+
+A candidate is a set of dropped layer indices, or equivalently a boolean mask of length L. Every
+sampler proposes it as one categorical parameter per layer (``layer_07 = 1`` means "dropped"), so
+the dashboard, ``trials_dataframe`` and ``enqueue_trial`` all speak the same language. This module
+also names the trial attributes through which samplers talk to the objective.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import BaseTrial, FrozenTrial
+
+# Trial system attrs shared by the samplers (which write them) and the objective (which reads them).
+METHOD_KEY = "optuna_prune:method"
+"""The method that proposed a trial ("evop", "random", "exhaustive", "sleb"), set in before_trial."""
+STOP_ABOVE_KEY = "optuna_prune:stop_above"
+"""A loss above which the candidate can no longer be selected: the objective may stop scoring."""
+ALLOW_PARTIAL_KEY = "optuna_prune:allow_partial"
+"""True when a sampler deliberately proposes fewer than k drops (SLEB's intermediate steps)."""
+
+
+class SpaceError(ValueError):
+    """A layer count, drop count or mask that does not describe a valid pruning problem."""
+
+
+def resolve_num_drop(
+    num_layers: int, sparsity: float | None = None, drop: int | None = None
+) -> int:
+    """The number of layers to drop, from either a sparsity in (0, 1) or an explicit count.
+
+    A sparsity becomes ``round(sparsity * num_layers)`` (Python rounding). Exactly one of the two
+    must be given, and at least one layer must be dropped and one kept.
+    """
+    if isinstance(num_layers, bool) or not isinstance(num_layers, (int, np.integer)):
+        raise SpaceError(
+            f"num_layers={num_layers!r} is not an integer; pass the model's layer count"
+        )
+    if num_layers < 2:
+        raise SpaceError(
+            f"num_layers={num_layers}: need at least 2 layers to drop one and keep one"
+        )
+    if (sparsity is None) == (drop is None):
+        raise SpaceError(
+            f"got sparsity={sparsity!r} and drop={drop!r}: give exactly one of them "
+            "(e.g. sparsity=0.25 or drop=8)"
+        )
+    if sparsity is not None:
+        if not 0.0 < float(sparsity) < 1.0:
+            raise SpaceError(f"sparsity={sparsity!r} must lie strictly between 0 and 1, e.g. 0.25")
+        k = round(float(sparsity) * num_layers)
+        source = f"sparsity={sparsity} of {num_layers} layers"
+    else:
+        if isinstance(drop, bool) or not isinstance(drop, (int, np.integer)):
+            raise SpaceError(f"drop={drop!r} is not an integer; pass a layer count such as drop=8")
+        k = int(drop)
+        source = f"drop={drop}"
+    if k < 1:
+        raise SpaceError(f"{source} drops {k} layers; drop at least 1 (raise sparsity or drop)")
+    if k >= num_layers:
+        raise SpaceError(
+            f"{source} drops {k} of {num_layers} layers; keep at least 1 (lower sparsity or drop)"
+        )
+    return int(k)
+
+
+class LayerMaskSpace:
+    """Exact-k subsets of ``range(num_layers)`` that avoid the ``protected`` layers.
+
+    Masks are boolean arrays (True = dropped); sets of dropped layers are sorted int tuples, which
+    are hashable and serve as the identity of a candidate everywhere (dedup, seeds, results).
+    """
+
+    def __init__(self, num_layers: int, num_drop: int, protected: Sequence[int] = ()) -> None:
+        if isinstance(num_layers, bool) or not isinstance(num_layers, (int, np.integer)):
+            raise SpaceError(f"num_layers={num_layers!r} is not an integer")
+        if num_layers < 2:
+            raise SpaceError(f"num_layers={num_layers}: need at least 2 layers")
+        prot = tuple(sorted({int(i) for i in protected}))
+        bad = [i for i in prot if not 0 <= i < num_layers]
+        if bad:
+            raise SpaceError(
+                f"protected layers {bad} are outside 0..{num_layers - 1}; fix the protected list"
+            )
+        n_free = num_layers - len(prot)
+        if isinstance(num_drop, bool) or not isinstance(num_drop, (int, np.integer)):
+            raise SpaceError(f"num_drop={num_drop!r} is not an integer")
+        if not 1 <= num_drop <= n_free or num_drop >= num_layers:
+            raise SpaceError(
+                f"num_drop={num_drop} is impossible with {num_layers} layers of which "
+                f"{len(prot)} are protected; choose 1..{min(n_free, num_layers - 1)}"
+            )
+        self.num_layers = int(num_layers)
+        self.num_drop = int(num_drop)
+        self.protected: tuple[int, ...] = prot
+        width = max(2, len(str(self.num_layers)))  # 3 digits from 100 layers on
+        self.param_names: list[str] = [f"layer_{i:0{width}d}" for i in range(self.num_layers)]
+        self._index = {name: i for i, name in enumerate(self.param_names)}
+        free = np.ones(self.num_layers, dtype=bool)
+        free[list(prot)] = False
+        self._droppable_mask = free
+        self.droppable: tuple[int, ...] = tuple(int(i) for i in np.flatnonzero(free))
+
+    def __repr__(self) -> str:
+        return (
+            f"LayerMaskSpace(num_layers={self.num_layers}, num_drop={self.num_drop}, "
+            f"protected={list(self.protected)})"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, LayerMaskSpace):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash((self.num_layers, self.num_drop, self.protected))
+
+    @property
+    def n_candidates(self) -> int:
+        """How many valid masks exist: C(L', k) with L' the non-protected layers."""
+        return math.comb(len(self.droppable), self.num_drop)
+
+    def param_name(self, i: int) -> str:
+        return self.param_names[i]
+
+    def distributions(self) -> dict[str, CategoricalDistribution]:
+        """One {0, 1} categorical per layer; 1 means the layer is dropped."""
+        return {name: CategoricalDistribution([0, 1]) for name in self.param_names}
+
+    def _indices(self, dropped: Iterable[int] | np.ndarray) -> tuple[int, ...]:
+        if isinstance(dropped, np.ndarray) and dropped.dtype == bool:
+            return self.from_array(dropped)
+        idx = tuple(sorted({int(i) for i in dropped}))
+        if idx and (idx[0] < 0 or idx[-1] >= self.num_layers):
+            raise SpaceError(f"dropped layers {list(idx)} fall outside 0..{self.num_layers - 1}")
+        return idx
+
+    def to_params(self, dropped: Iterable[int] | np.ndarray) -> dict[str, int]:
+        """The trial params of a set of dropped layers (any count, so partial masks work too)."""
+        drop = set(self._indices(dropped))
+        return {name: int(i in drop) for i, name in enumerate(self.param_names)}
+
+    def dropped_from_params(self, params: Mapping[str, Any]) -> tuple[int, ...]:
+        """The dropped layers encoded in a trial's params; every layer param must be present."""
+        missing = [name for name in self.param_names if name not in params]
+        if missing:
+            raise SpaceError(
+                f"params lack {missing[:3]}{'...' if len(missing) > 3 else ''}: a mask needs all "
+                f"{self.num_layers} layer params (is this study for a {self.num_layers}-layer model?)"
+            )
+        return tuple(i for i, name in enumerate(self.param_names) if int(params[name]) == 1)
+
+    def to_array(self, dropped: Iterable[int] | np.ndarray) -> np.ndarray:
+        arr = np.zeros(self.num_layers, dtype=bool)
+        arr[list(self._indices(dropped))] = True
+        return arr
+
+    def from_array(self, arr: np.ndarray) -> tuple[int, ...]:
+        arr = np.asarray(arr)
+        if arr.shape != (self.num_layers,):
+            raise SpaceError(f"mask of shape {arr.shape}; expected ({self.num_layers},)")
+        return tuple(int(i) for i in np.flatnonzero(arr))
+
+    def is_valid(self, dropped: Iterable[int] | np.ndarray) -> bool:
+        """Exactly k distinct layers, all in range and none protected."""
+        if isinstance(dropped, np.ndarray) and dropped.dtype == bool:
+            if dropped.shape != (self.num_layers,):
+                return False
+            idx = self.from_array(dropped)
+        else:
+            raw = [int(i) for i in dropped]
+            idx = tuple(sorted(set(raw)))
+            if len(idx) != len(raw):
+                return False
+        return (
+            len(idx) == self.num_drop
+            and all(0 <= i < self.num_layers for i in idx)
+            and not set(idx) & set(self.protected)
+        )
+
+    def repair(self, mask: np.ndarray, rng: np.random.RandomState) -> np.ndarray:
+        """EvoP's "double mutation": flip random positions until exactly k layers are dropped.
+
+        Protected layers are restored first; then random kept (droppable) layers are dropped if
+        too few are dropped, or random dropped layers are restored if too many. A valid mask comes
+        back unchanged (and no random numbers are drawn), so repair never undoes good offspring.
+        """
+        out = np.array(mask, dtype=bool, copy=True)
+        if out.shape != (self.num_layers,):
+            raise SpaceError(f"mask of shape {out.shape}; expected ({self.num_layers},)")
+        out &= self._droppable_mask
+        n = int(out.sum())
+        if n < self.num_drop:
+            kept = np.flatnonzero(~out & self._droppable_mask)
+            out[rng.choice(kept, size=self.num_drop - n, replace=False)] = True
+        elif n > self.num_drop:
+            dropped = np.flatnonzero(out)
+            out[rng.choice(dropped, size=n - self.num_drop, replace=False)] = False
+        return out
+
+    def random_mask(self, rng: np.random.RandomState) -> np.ndarray:
+        """A uniformly random valid mask."""
+        out = np.zeros(self.num_layers, dtype=bool)
+        out[rng.choice(np.asarray(self.droppable), size=self.num_drop, replace=False)] = True
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form, for study system/user attrs."""
+        return {
+            "num_layers": self.num_layers,
+            "num_drop": self.num_drop,
+            "protected": list(self.protected),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LayerMaskSpace:
+        return cls(int(data["num_layers"]), int(data["num_drop"]), data.get("protected", ()))
+
+
+@dataclass(frozen=True)
+class SamplerHints:
+    """What the sampler asked of the objective for one trial."""
+
+    stop_above: float | None = None
+    allow_partial: bool = False
+
+
+def sampler_hints(trial: BaseTrial) -> SamplerHints:
+    """Read STOP_ABOVE_KEY and ALLOW_PARTIAL_KEY from a live or frozen trial.
+
+    ``optuna.Trial`` has no public system attrs in Optuna 5, so a live trial is read from storage.
+    """
+    if isinstance(trial, FrozenTrial):
+        attrs = trial.system_attrs
+    else:
+        attrs = trial.storage.get_trial_system_attrs(trial._trial_id)  # type: ignore[attr-defined]
+    stop = attrs.get(STOP_ABOVE_KEY)
+    return SamplerHints(
+        stop_above=None if stop is None else float(stop),
+        allow_partial=bool(attrs.get(ALLOW_PARTIAL_KEY, False)),
+    )

@@ -1,0 +1,390 @@
+"""Studies that persist and resume: storage, the problem a study is bound to, and running a search.
+
+A study is one pruning problem (model, k, calibration set, fitness). Every method's trials live in
+it, tagged with a ``method``, so the dashboard and the figures compare them on one axis. Re-running
+the same command resumes: finished trials are kept, the evolution continues from storage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import sqlalchemy
+import sqlalchemy.exc
+from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+
+from optuna_prune import __version__
+from optuna_prune.config import ConfigError, SearchConfig
+from optuna_prune.samplers import sleb_result, trial_mask
+from optuna_prune.space import METHOD_KEY, LayerMaskSpace, SpaceError, resolve_num_drop
+
+DEFAULT_STORAGE = "sqlite:///optuna_prune.db"
+PROBLEM_ATTR = "problem"
+# The parts of a problem a resumed study must share with the one that created it.
+PROBLEM_KEYS = (
+    "model", "num_layers", "num_drop", "calibration", "calibration_sha256",
+    "fitness", "objective_mode", "ccds_clusters",
+)
+
+
+class StorageError(ValueError):
+    """The storage URL is malformed or the database cannot be reached."""
+
+
+class StudyMismatchError(ValueError):
+    """A study is being resumed with a different model, sparsity, calibration or fitness."""
+
+
+def open_storage(url: str | None, heartbeat: int = 20) -> optuna.storages.BaseStorage:
+    """An RDB storage with heartbeats (killed workers' trials are failed and retried), or a journal file.
+
+    A RUNNING trial whose process sent no heartbeat for ``3 * heartbeat`` seconds is failed and
+    re-queued with the same params.
+
+    ``*.log`` / ``*.journal`` paths give a JournalStorage (many processes, no database server).
+    """
+    url = url or DEFAULT_STORAGE
+    if url.endswith((".log", ".journal")) and "://" not in url:
+        Path(url).parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(url))
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except sqlalchemy.exc.ArgumentError:
+        raise StorageError(
+            f"storage URL {url!r} is malformed; use e.g. sqlite:///optuna_prune.db, "
+            "postgresql://user@host/db or a journal file path ending in .log"
+        ) from None
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return RDBStorage(
+            url,
+            heartbeat_interval=heartbeat,
+            grace_period=3 * heartbeat,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
+        )
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StorageError(f"cannot open storage {url!r}: {first}") from None
+
+
+def problem_of(cfg: SearchConfig, model_id: str, num_layers: int, num_drop: int, calibration: Any) -> dict[str, Any]:
+    """What a study is bound to (checked on resume) plus what reproduces it (recorded only)."""
+    return {
+        "model": model_id,
+        "num_layers": num_layers,
+        "num_drop": num_drop,
+        "sparsity": round(num_drop / num_layers, 4),
+        "calibration": calibration.source,
+        "calibration_sha256": calibration.sha256,
+        "n_samples": calibration.n_samples,
+        "seq_len": calibration.seq_len,
+        "ccds_clusters": cfg.ccds_clusters,
+        "fitness": cfg.fitness,
+        "objective_mode": cfg.objective_mode,
+        "seed": cfg.seed,
+    }
+
+
+def default_study_name(problem: dict[str, Any]) -> str:
+    """A name derived from the problem, so that re-running the same command resumes the same study."""
+    model = Path(str(problem["model"])).name or str(problem["model"])
+    calib = Path(str(problem["calibration"])).stem
+    ccds = f"-ccds{problem['ccds_clusters']}" if problem["ccds_clusters"] else ""
+    return f"{model}-drop{problem['num_drop']}of{problem['num_layers']}-{calib}{ccds}-{problem['fitness']}"
+
+
+def versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    return {
+        "optuna_prune": __version__, "optuna": optuna.__version__, "torch": torch.__version__,
+        "transformers": transformers.__version__, "python": platform.python_version(),
+    }
+
+
+def open_study(
+    storage: optuna.storages.BaseStorage,
+    name: str,
+    problem: dict[str, Any],
+    directions: list[str],
+    sampler: optuna.samplers.BaseSampler | None = None,
+    new_study: bool = False,
+) -> optuna.Study:
+    """Create the study, or load it after checking it was made for the same problem.
+
+    ``new_study`` never deletes anything: it picks the first free name ``NAME-2``, ``NAME-3``...
+    """
+    existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
+    if new_study:
+        base, n = name, 2
+        while name in existing:
+            name, n = f"{base}-{n}", n + 1
+    if name in existing:
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+        check_problem(study, problem)
+        return study
+    study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, directions=directions)
+    study.set_user_attr(PROBLEM_ATTR, problem)
+    study.set_user_attr("versions", versions())
+    return study
+
+
+def check_problem(study: optuna.Study, problem: dict[str, Any]) -> None:
+    stored = study.user_attrs.get(PROBLEM_ATTR)
+    if stored is None:
+        raise StudyMismatchError(
+            f"study {study.study_name!r} was not created by optuna-prune; use another --study name"
+        )
+    for key in PROBLEM_KEYS:
+        if stored.get(key) != problem.get(key):
+            raise StudyMismatchError(
+                f"study {study.study_name!r} was created with {key}={stored.get(key)!r}, not "
+                f"{problem.get(key)!r}; resume with the same settings, or pass --new-study or another --study"
+            )
+
+
+def method_trials(study: optuna.Study, method: str, states: tuple[TrialState, ...] | None = None) -> list[optuna.trial.FrozenTrial]:
+    """Trials that ``method`` proposed (tagged by its sampler, or by the objective as user attr)."""
+    return [
+        t for t in study.get_trials(deepcopy=False, states=states)
+        if t.system_attrs.get(METHOD_KEY, t.user_attrs.get("method")) == method
+    ]
+
+
+@dataclass
+class MethodBudget:
+    """Stop the study once ``method`` has ``n_trials`` finished trials (shared by all workers)."""
+
+    method: str
+    n_trials: int
+
+    def done(self, study: optuna.Study) -> int:
+        return len(method_trials(study, self.method, (TrialState.COMPLETE, TrialState.PRUNED)))
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if self.done(study) >= self.n_trials:
+            study.stop()
+
+
+def best_by_method(study: optuna.Study) -> dict[str, dict[str, Any]]:
+    """The best complete exact-k trial of each method (single-objective studies)."""
+    best: dict[str, dict[str, Any]] = {}
+    if len(study.directions) != 1:
+        return best
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        method = t.user_attrs.get("method", "unknown")
+        if t.value is None or not math.isfinite(t.value):
+            continue
+        if method not in best or t.value < best[method]["value"]:
+            best[method] = {
+                "trial": t.number, "value": t.value, "dropped": t.user_attrs.get("dropped"),
+                "perplexity": t.user_attrs.get("perplexity"),
+            }
+    for method, entry in best.items():
+        entry["evaluations"] = len(method_trials(study, method))
+    return best
+
+
+def summarise(study: optuna.Study) -> dict[str, dict[str, Any]]:
+    """Attach the best mask of each method to the study (user attrs + a dashboard note)."""
+    best = best_by_method(study)
+    if not best:
+        return best
+    study.set_user_attr("best_by_method", best)
+    overall = min(best.values(), key=lambda e: e["value"])
+    study.set_user_attr("best_dropped", overall["dropped"])
+    lines = [
+        f"# {study.study_name}", "",
+        "| method | best trial | loss | perplexity | dropped layers | evaluations |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method, e in sorted(best.items(), key=lambda kv: kv[1]["value"]):
+        ppl = f"{e['perplexity']:.2f}" if e.get("perplexity") else "-"
+        lines.append(
+            f"| {method} | {e['trial']} | {e['value']:.4f} | {ppl} | {e['dropped']} | {e['evaluations']} |"
+        )
+    try:
+        from optuna_dashboard import save_note
+
+        save_note(study, "\n".join(lines))
+    except Exception:  # the note is a convenience; the attrs above hold the same facts
+        pass
+    return best
+
+
+@dataclass
+class SearchSetup:
+    """Everything a search process holds: the study and the objective that scores its masks."""
+
+    study: optuna.Study
+    objective: Any
+    budget: MethodBudget | None
+    catch: tuple[type[BaseException], ...]
+    model: Any
+    tokenizer: Any
+    calibration: Any
+    fitness: Any
+    space: LayerMaskSpace
+
+
+def make_sampler(cfg: SearchConfig, space: LayerMaskSpace, n_objectives: int = 1) -> optuna.samplers.BaseSampler:
+    """The sampler a config names (search side only: no model needed)."""
+    from optuna_prune.samplers import EvoPSampler, ExhaustiveMaskSampler, RandomMaskSampler, SLEBSampler
+
+    if cfg.sampler == "evop":
+        return EvoPSampler(space, population_size=cfg.population, seed=cfg.seed)
+    if cfg.sampler == "random":
+        return RandomMaskSampler(space, seed=cfg.seed)
+    if cfg.sampler == "exhaustive":
+        return ExhaustiveMaskSampler(space)
+    if cfg.sampler == "sleb":
+        if n_objectives > 1:
+            raise ConfigError("SLEB is single-objective; use objective_mode mean or worst")
+        return SLEBSampler(space, protect_ends=cfg.protect_ends)
+    if cfg.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=cfg.seed)
+    return optuna.samplers.RandomSampler(seed=cfg.seed)  # shortgpt: its one mask is enqueued
+
+
+def default_budget(cfg: SearchConfig, sampler: optuna.samplers.BaseSampler) -> MethodBudget | None:
+    """n_trials, or a default: SLEB and exhaustive stop by themselves, ShortGPT is one evaluation."""
+    if cfg.sampler in ("sleb", "exhaustive") and cfg.n_trials is None:
+        return None
+    if cfg.sampler == "shortgpt":
+        return MethodBudget("shortgpt", 1)
+    if cfg.n_trials is not None:
+        return MethodBudget(cfg.sampler, cfg.n_trials)
+    population = getattr(sampler, "population_size", None) or 20
+    return MethodBudget(cfg.sampler, population * 10)
+
+
+def prepare(cfg: SearchConfig, new_study: bool = False) -> SearchSetup:
+    """Load the model and calibration set, open (or resume) the study, build sampler and objective."""
+    from optuna_prune.calibration import build_calibration
+    from optuna_prune.ccds import CCDSConfig
+    from optuna_prune.fitness import make_fitness
+    from optuna_prune.importance import block_influence, lowest
+    from optuna_prune.layers import find_layer_stack
+    from optuna_prune.models import load_model, model_identity
+    from optuna_prune.objective import CANDIDATE_FAILURES, MaskObjective
+
+    storage = open_storage(cfg.storage, cfg.heartbeat)  # fail on a bad URL before loading anything heavy
+    model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    num_layers = find_layer_stack(model).num_layers
+    try:
+        num_drop = resolve_num_drop(num_layers, cfg.sparsity, cfg.drop)
+    except SpaceError as exc:
+        raise ConfigError(str(exc)) from None
+    ccds = CCDSConfig(n_clusters=cfg.ccds_clusters) if cfg.ccds_clusters else None
+    calibration = build_calibration(
+        tokenizer, cfg.calibration, n_samples=cfg.n_samples, seq_len=cfg.seq_len,
+        seed=cfg.seed, data_dir=cfg.data_dir, ccds=ccds,
+    )
+    problem = problem_of(cfg, model_identity(cfg.model), num_layers, num_drop, calibration)
+    n_objectives = cfg.ccds_clusters if cfg.objective_mode == "clusters" else 1
+    space = LayerMaskSpace(num_layers, num_drop)
+    sampler = make_sampler(cfg, space, n_objectives)
+    study = open_study(
+        storage, cfg.study or default_study_name(problem), problem,
+        ["minimize"] * n_objectives, sampler, new_study,
+    )
+    study.set_user_attr("config", cfg.replace(study=study.study_name).to_dict())
+    if calibration.clusters is not None:
+        study.set_user_attr("ccds", calibration.clusters)
+    fitness = make_fitness(
+        cfg.fitness, model, calibration, batch_size=cfg.batch_size, cache_bytes=cfg.cache_mb << 20
+    )
+    objective = MaskObjective(
+        fitness, space, method=cfg.sampler, cluster_ids=calibration.cluster_ids,
+        mode=cfg.objective_mode, invalid=cfg.invalid_masks,
+    )
+    budget = default_budget(cfg, sampler)
+
+    influence = None
+    if cfg.sampler == "shortgpt" or "shortgpt" in cfg.seed_with:
+        influence = block_influence(fitness)
+        study.set_user_attr("block_influence", [round(v, 6) for v in influence])
+    seeds: dict[str, tuple[int, ...]] = {}
+    if cfg.sampler == "shortgpt":
+        seeds["shortgpt"] = lowest(influence, num_drop)
+    if "shortgpt" in cfg.seed_with and cfg.sampler != "shortgpt":
+        seeds["seed:shortgpt"] = lowest(influence, num_drop)
+    if "sleb" in cfg.seed_with:
+        found = sleb_result(study)
+        if found is None:
+            raise ConfigError("seed_with sleb needs a finished SLEB run in this study: run --sampler sleb first")
+        seeds["seed:sleb"] = found
+    own = {trial_mask(t, space) for t in method_trials(study, cfg.sampler)}
+    waiting = {trial_mask(t, space) for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
+    for origin, dropped in seeds.items():
+        if dropped not in own and dropped not in waiting:
+            attrs = {"seeded_from": origin.split(":", 1)[1]} if origin.startswith("seed:") else {}
+            study.enqueue_trial(space.to_params(dropped), user_attrs=attrs)
+    return SearchSetup(
+        study, objective, budget, CANDIDATE_FAILURES, model, tokenizer, calibration, fitness, space
+    )
+
+
+def run_search(
+    cfg: SearchConfig,
+    new_study: bool = False,
+    progress: bool = True,
+    on_study: Callable[[optuna.Study], None] | None = None,
+) -> optuna.Study:
+    """Run (or resume) the search ``cfg`` describes and return its study.
+
+    config -> model and calibration samples -> study -> sampler proposes masks -> objective scores
+    them -> storage. ``n_trials`` is this method's budget in the study, so a re-run after a crash only
+    does what is missing.
+    """
+    setup = prepare(cfg, new_study=new_study)
+    study = setup.study
+    if on_study is not None:
+        on_study(study)
+    budget = setup.budget
+    remaining = None if budget is None else budget.n_trials - budget.done(study)
+    if remaining is None or remaining > 0:
+        study.optimize(
+            setup.objective,
+            n_trials=remaining,
+            timeout=cfg.timeout,
+            catch=setup.catch,
+            callbacks=[budget] if budget is not None else None,
+            show_progress_bar=progress,
+        )
+    summarise(study)
+    return study
+
+
+def config_of(study: optuna.Study) -> SearchConfig:
+    """The SearchConfig recorded on a study (for workers, export and evaluation)."""
+    from optuna_prune.config import from_dict
+
+    data = study.user_attrs.get("config")
+    if data is None:
+        raise ConfigError(f"study {study.study_name!r} has no recorded optuna-prune config")
+    known = {f.name for f in dataclasses.fields(SearchConfig)}
+    return from_dict({k: v for k, v in data.items() if k in known}, origin=f"study {study.study_name}")
+
+
+def load_existing_study(name: str, storage_url: str | None) -> optuna.Study:
+    """Load a study by name, with a one-line error listing what the storage holds if it is absent."""
+    storage = open_storage(storage_url)
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    if name not in names:
+        raise StudyMismatchError(
+            f"no study {name!r} in {storage_url or DEFAULT_STORAGE}; it holds {names or 'no studies'} "
+            "(optuna-prune studies --storage URL lists them)"
+        )
+    return optuna.load_study(study_name=name, storage=storage)

