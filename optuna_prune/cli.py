@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -22,6 +23,8 @@ class _Parser(argparse.ArgumentParser):
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input, turned into one line on stderr."""
     from optuna_prune.calibration import CalibrationError
+    from optuna_prune.downstream import DownstreamError
+    from optuna_prune.export import TrialChoiceError
     from optuna_prune.layers import UnsupportedModelError
     from optuna_prune.models import ModelNotFoundError
     from optuna_prune.space import SpaceError
@@ -29,7 +32,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     return (
         ConfigError, CalibrationError, UnsupportedModelError, ModelNotFoundError, SpaceError,
-        StorageError, StudyMismatchError, KeyError, FileNotFoundError,
+        StorageError, StudyMismatchError, KeyError, FileNotFoundError, TrialChoiceError, DownstreamError,
     )
 
 
@@ -51,7 +54,15 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, help="stop after this many seconds")
     p.add_argument("--storage", help="sqlite:///file.db (default optuna_prune.db), postgresql://..., or a .log journal")
     p.add_argument("--study", help="study name (default: derived from model, k and calibration)")
-    p.add_argument("--population", type=int, help="EvoP population size")
+    p.add_argument("--population", type=int, help="EvoP population size (levelswitch: offspring per round)")
+    p.add_argument("--fidelity", help="multi-fidelity selection (evop, levelswitch): comma list of calibration "
+                   "sample counts after which a candidate is ranked in its generation, e.g. 1,2; none: off")
+    p.add_argument("--fidelity-keep", type=float, help="fraction of a generation kept at each fidelity stage (0.5)")
+    p.add_argument("--train-tokens", help="darwin: comma list of training tokens per stage, e.g. 10000,50000,100000,200000")
+    p.add_argument("--survivors", help="darwin: candidates entering each stage, then 1, e.g. 16,8,4,2,1")
+    p.add_argument("--train-loss", choices=("kl", "lm"), help="darwin: distil the dense model (kl) or LM loss")
+    p.add_argument("--lr", type=float, help="darwin: AdamW learning rate of the candidates' fine-tune (1e-5)")
+    p.add_argument("--lora", type=int, help="darwin: LoRA rank of the fine-tune (0: train the kept layers; needs peft)")
     p.add_argument("--seed-with", help="comma list: sleb,shortgpt masks seeded into EvoP's generation 0")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: CUDA when present)")
     p.add_argument("--dtype", help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")
@@ -70,6 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search", help="run or resume a layer-drop search")
     _add_search_flags(p)
 
+    p = sub.add_parser("create", help="create a study from a config without running trials (then start workers)")
+    _add_search_flags(p)
+
+    p = sub.add_parser("worker", help="join a study as one more worker (e.g. one per GPU) and evaluate candidates")
+    p.add_argument("--storage", help="the study's storage, e.g. postgresql://user@host/db")
+    p.add_argument("--study", required=True, help="name of a study made by create or search")
+    p.add_argument("--n-trials", type=int, help="at most this many trials in this worker (default: until the budget)")
+    p.add_argument("--device", help="this worker's device, e.g. cuda:1 (default: the study's config)")
+    p.add_argument("--no-progress", action="store_true")
+
     p = sub.add_parser("studies", help="list the studies in a storage with their best values")
     p.add_argument("--storage")
 
@@ -78,11 +99,70 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("report", help="write a study's HTML report and attach its figures to the study")
+    p.add_argument("study")
+    p.add_argument("--storage")
+    p.add_argument("--out", help="report file (default: STUDY-report.html)")
+    p.add_argument("--figures-dir", help="also write each figure as a standalone HTML file here")
+
+    p = sub.add_parser("export", help="save a trial's pruned model as a plain Hugging Face checkpoint")
+    p.add_argument("study")
+    p.add_argument("--storage")
+    _add_trial_flags(p)
+    p.add_argument("--out", required=True, help="folder to write the checkpoint to")
+    p.add_argument("--device", default="cpu", help="where to load the model for pruning (default cpu)")
+
+    p = sub.add_parser("evaluate", help="perplexity, downstream accuracy and speed: dense vs chosen trial(s)")
+    p.add_argument("study")
+    p.add_argument("--storage")
+    _add_trial_flags(p, per_method=True)
+    p.add_argument("--datasets", default="wikitext2,c4", help="comma list for perplexity ('' for none)")
+    p.add_argument("--tasks", help="comma list of lm-eval tasks ('' for none; default: arc_easy, arc_challenge, "
+                   "hellaswag, piqa, winogrande)")
+    p.add_argument("--limit", type=int, help="score only the first N items of each task")
+    p.add_argument("--data-dir", help="offline data (layout of ../shared/data): corpora and eval/ tasks")
+    p.add_argument("--seq-len", type=int, default=2048, help="perplexity window length in tokens")
+    p.add_argument("--max-windows", type=int, help="perplexity on at most N windows")
+    p.add_argument("--max-chars", type=int, help="perplexity on the first N characters of each corpus")
+    p.add_argument("--no-speed", action="store_true", help="skip the prefill/decode timing")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: the study's config)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--recompute", action="store_true", help="ignore results already stored in the study")
+    p.add_argument("--out", help="also write the results as JSON here")
+
+    p = sub.add_parser("finetune", help="train a trial's pruned model longer (DarwinLM post-compression training) and save it")
+    p.add_argument("study")
+    p.add_argument("--storage")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--trial", type=int, help="trial number")
+    which.add_argument("--best", action="store_true", help="the best complete trial of the study")
+    p.add_argument("--tokens", type=int, required=True, help="training tokens (calibration corpus, not its samples)")
+    p.add_argument("--out", required=True, help="folder of the trained pruned checkpoint")
+    p.add_argument("--loss", choices=("kl", "lm"), default="kl", help="distil the dense model (kl) or LM loss")
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--lora", type=int, default=0, help="LoRA rank, merged before saving (0: train the kept layers)")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per optimiser step")
+    p.add_argument("--eval", help="comma list of held-out perplexity datasets (default: the calibration corpus)")
+    p.add_argument("--eval-windows", type=int, default=16, help="held-out windows of the search's seq_len")
+    p.add_argument("--device")
+
     p = sub.add_parser("dashboard", help="start optuna-dashboard on the storage")
     p.add_argument("--storage")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     return parser
+
+
+def _add_trial_flags(p: argparse.ArgumentParser, per_method: bool = False) -> None:
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--trial", type=int, help="trial number (default: the best trial)")
+    which.add_argument("--best", action="store_true", help="the best complete trial (default)")
+    if per_method:
+        which.add_argument("--per-method", action="store_true", help="the best trial of each method")
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def search_config(args: argparse.Namespace) -> SearchConfig:
@@ -105,6 +185,24 @@ def cmd_search(args: argparse.Namespace) -> None:
         cfg, new_study=args.new_study, progress=not args.no_progress,
         on_study=lambda s: print(f"study {s.study_name!r} in {cfg.storage or 'sqlite:///optuna_prune.db'}", file=sys.stderr),
     )
+    _print_best(study)
+
+
+def cmd_create(args: argparse.Namespace) -> None:
+    from optuna_prune.study import DEFAULT_STORAGE
+    from optuna_prune.worker import create_study
+
+    study = create_study(search_config(args), new_study=args.new_study)
+    storage = args.storage or study.user_attrs["config"].get("storage") or DEFAULT_STORAGE
+    print(f"study {study.study_name!r} is ready; start workers with: "
+          f"optuna-prune worker --storage {storage} --study {study.study_name}")
+
+
+def cmd_worker(args: argparse.Namespace) -> None:
+    from optuna_prune.worker import run_worker
+
+    study = run_worker(args.storage, args.study, n_trials=args.n_trials, device=args.device,
+                       progress=not args.no_progress)
     _print_best(study)
 
 
@@ -139,6 +237,61 @@ def cmd_show(args: argparse.Namespace) -> None:
           f"{problem.get('num_layers')} layers, calibration {problem.get('calibration')}, "
           f"fitness {problem.get('fitness')}")
     _print_best(study)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from optuna_prune.figures import attach_figures
+    from optuna_prune.report import write_report
+    from optuna_prune.study import load_existing_study
+
+    study = load_existing_study(args.study, args.storage)
+    path = write_report(study, args.out or f"{study.study_name}-report.html")
+    attach_figures(study, args.figures_dir)
+    print(path)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from optuna_prune.export import export_trial
+    from optuna_prune.study import load_existing_study
+
+    study = load_existing_study(args.study, args.storage)
+    print(export_trial(study, args.trial, args.out, device=args.device))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from optuna_prune.downstream import DEFAULT_TASKS
+    from optuna_prune.evaluation import PER_METHOD, EvalSettings, evaluate_study
+    from optuna_prune.figures import evaluation_rows
+    from optuna_prune.study import load_existing_study
+
+    study = load_existing_study(args.study, args.storage)
+    evaluate_study(
+        study, trial=args.trial, methods=PER_METHOD if args.per_method else None,
+        datasets=_csv(args.datasets), tasks=DEFAULT_TASKS if args.tasks is None else _csv(args.tasks), limit=args.limit, data_dir=args.data_dir,
+        speed=not args.no_speed, out_json=args.out, device=args.device, batch_size=args.batch_size,
+        settings=EvalSettings(seq_len=args.seq_len, max_windows=args.max_windows, max_chars=args.max_chars),
+        recompute=args.recompute,
+    )
+    _table(*evaluation_rows(study))
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from optuna_prune.darwin import finetune_trial
+    from optuna_prune.study import load_existing_study
+    from optuna_prune.training import TrainSettings
+
+    study = load_existing_study(args.study, args.storage)
+    settings = TrainSettings(loss=args.loss, lr=args.lr, lora=args.lora, batch_size=args.batch_size)
+    entry = finetune_trial(
+        study, None if args.best else args.trial, tokens=args.tokens, out_dir=args.out, settings=settings,
+        datasets=args.eval.split(",") if args.eval else None, eval_windows=args.eval_windows,
+        device=args.device,
+    )
+    before, after = entry["before"], entry["after"]
+    rows = [("calibration", f"{before['calibration_perplexity']:.2f}", f"{after['calibration_perplexity']:.2f}")]
+    rows += [(ds, f"{before['perplexity'][ds]:.2f}", f"{after['perplexity'][ds]:.2f}") for ds in after["perplexity"]]
+    print(f"trial {entry['trial']} (dropped {entry['dropped']}) trained on {entry['tokens']} tokens -> {args.out}")
+    _table(("perplexity", "before", "after"), rows)
 
 
 def cmd_dashboard(args: argparse.Namespace) -> None:
@@ -179,9 +332,25 @@ def _quiet_libraries() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar shows each trial
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    trial_log = logging.getLogger("optuna.study._optimize")
+    if not any(isinstance(f, _TrialFailureLines) for f in trial_log.filters):
+        trial_log.addFilter(_TrialFailureLines())
 
 
-COMMANDS = {"search": cmd_search, "studies": cmd_studies, "show": cmd_show, "dashboard": cmd_dashboard}
+class _TrialFailureLines(logging.Filter):
+    """One line per failed trial, no traceback (its reason is the trial's fail_reason); none for
+    Ctrl-C, which the CLI reports itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+            return False
+        record.exc_info = None
+        return not record.getMessage().endswith("failed with value None.")
+
+
+COMMANDS = {"search": cmd_search, "create": cmd_create, "worker": cmd_worker, "studies": cmd_studies,
+            "show": cmd_show, "report": cmd_report, "finetune": cmd_finetune, "export": cmd_export, "evaluate": cmd_evaluate,
+            "dashboard": cmd_dashboard}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,7 +21,7 @@ class ConfigError(ValueError):
     """A configuration value is missing, malformed or out of range."""
 
 
-SAMPLERS = ("evop", "sleb", "shortgpt", "random", "tpe", "exhaustive")
+SAMPLERS = ("evop", "levelswitch", "darwin", "sleb", "shortgpt", "random", "tpe", "exhaustive")
 FITNESS_NAMES = ("perplexity", "kl")
 OBJECTIVE_MODES = ("mean", "worst", "clusters")
 INVALID_MASK_POLICIES = ("repair", "reject")
@@ -48,6 +48,15 @@ class SearchConfig:
     storage: str | None = None
     study: str | None = None
     population: int | None = None
+    fidelity: list[int] = field(default_factory=list)
+    fidelity_keep: float = 0.5
+    # darwin (training-aware selection): training tokens per stage, candidates entering each stage
+    # (one more entry, ending at 1), the fine-tune's loss, learning rate and LoRA rank (0: full).
+    train_tokens: list[int] = field(default_factory=lambda: [10_000, 50_000, 100_000, 200_000])
+    survivors: list[int] = field(default_factory=lambda: [16, 8, 4, 2, 1])
+    train_loss: str = "kl"
+    lr: float = 1e-5
+    lora: int = 0
     protect_ends: bool = True
     invalid_masks: str = "repair"
     seed_with: list[str] = field(default_factory=list)
@@ -89,10 +98,55 @@ class SearchConfig:
             raise ConfigError(f"n_trials {self.n_trials} must be >= 1")
         if self.population is not None and self.population < 2:
             raise ConfigError(f"population {self.population} must be >= 2")
+        if self.fidelity:
+            self._validate_fidelity()
+        if self.sampler == "darwin":
+            self._validate_darwin()
         if self.heartbeat < 1:
             raise ConfigError(f"heartbeat {self.heartbeat} must be >= 1 second")
         if self.batch_size < 1 or self.cache_mb < 0:
             raise ConfigError("batch_size must be >= 1 and cache_mb >= 0")
+
+    def _validate_fidelity(self) -> None:
+        from optuna_prune.pruners import check_stages
+
+        try:
+            check_stages(self.fidelity, self.n_samples)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.objective_mode != "mean":
+            raise ConfigError(
+                f"fidelity stages rank running mean losses; objective_mode {self.objective_mode!r} "
+                "needs fidelity = \"none\""
+            )
+        if not 0 < self.fidelity_keep <= 1:
+            raise ConfigError(f"fidelity_keep {self.fidelity_keep} must be a fraction in (0, 1], e.g. 0.5")
+
+    def _validate_darwin(self) -> None:
+        from optuna_prune.darwin import stage_schedule
+        from optuna_prune.samplers.darwin import check_survivors
+        from optuna_prune.training import TRAIN_LOSSES
+
+        _choice("train_loss", self.train_loss, TRAIN_LOSSES)
+        try:
+            check_survivors(self.survivors)
+            stage_schedule(self.train_tokens, self.seq_len, self.n_samples, self.fidelity)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if len(self.survivors) != len(self.train_tokens) + 1:
+            raise ConfigError(
+                f"survivors {self.survivors} need one entry more than train_tokens {self.train_tokens} "
+                "(the candidates entering each stage, then the 1 parent), e.g. 16,8,4,2,1 for 4 stages"
+            )
+        if self.population is not None and self.population != self.survivors[0]:
+            raise ConfigError(
+                f"darwin takes its offspring per round from survivors[0] = {self.survivors[0]}; "
+                f"drop --population {self.population} or change --survivors"
+            )
+        if self.objective_mode != "mean":
+            raise ConfigError(f"darwin ranks one loss per candidate; objective_mode {self.objective_mode!r} needs mean")
+        if not self.lr > 0 or self.lora < 0:
+            raise ConfigError(f"lr {self.lr} must be > 0 and lora {self.lora} >= 0 (0: no LoRA)")
 
     def replace(self, **changes: Any) -> SearchConfig:
         return dataclasses.replace(self, **changes)
@@ -157,11 +211,12 @@ def _coerce(key: str, value: Any, type_name: str, origin: str) -> Any:
                 raise TypeError
             return float(value)
         if type_name.startswith("list"):
-            if isinstance(value, str):
-                return [v.strip() for v in value.split(",") if v.strip()]
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+            if type_name.startswith("list[int]"):
+                return [] if items == ["none"] else [_coerce(key, v, "int", origin) for v in items]
+            if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
                 raise TypeError
-            return list(value)
+            return list(items)
         if not isinstance(value, str):
             raise TypeError
         return value

@@ -19,6 +19,7 @@ import optuna
 import torch
 
 from optuna_prune.fitness import Fitness, FitnessResult, NonFiniteLossError
+from optuna_prune.pruners import score_in_stages
 from optuna_prune.space import ALLOW_PARTIAL_KEY, METHOD_KEY, STOP_ABOVE_KEY, LayerMaskSpace
 
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
@@ -34,6 +35,9 @@ class MaskObjective:
     "worst" (the worst cluster, EvoP's robustness) or "clusters" (one objective per cluster, for a
     multi-objective sampler). Masks without exactly k drops are repaired or rejected
     (``invalid``), except the partial masks a greedy sampler asks for on purpose.
+    ``stages`` (sample counts, single objective only) turns on multi-fidelity scoring: after each
+    stage the running mean is reported and the study's pruner may stop the candidate (see
+    :func:`optuna_prune.pruners.score_in_stages`).
     """
 
     fitness: Fitness
@@ -42,6 +46,7 @@ class MaskObjective:
     cluster_ids: Sequence[int] | None = None
     mode: str = "mean"
     invalid: str = "repair"
+    stages: Sequence[int] = ()
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
         params = {
@@ -59,9 +64,13 @@ class MaskObjective:
         trial.set_user_attr("n_dropped", len(dropped))
 
         stop_above = system_attrs.get(STOP_ABOVE_KEY)
+        staged = bool(self.stages) and not partial
         start = time.perf_counter()
         try:
-            result = self.fitness.evaluate(dropped, stop_above=stop_above)
+            if staged:
+                result, why = self._evaluate_in_stages(trial, dropped, stop_above)
+            else:
+                result, why = self.fitness.evaluate(dropped, stop_above=stop_above), None
         except CANDIDATE_FAILURES as exc:
             trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
             if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
@@ -71,11 +80,29 @@ class MaskObjective:
 
         if partial or not result.complete:
             trial.set_user_attr("stopped_early", not result.complete)
-            trial.report(result.value, step=len(result.samples))
+            if not staged:  # staged scoring reported already
+                trial.report(result.value, step=len(result.samples))
             raise optuna.TrialPruned(
-                "partial greedy step" if result.complete else f"cannot beat {stop_above:.4f}"
+                why or ("partial greedy step" if result.complete else f"cannot beat {stop_above:.4f}")
             )
         return self._values(result)
+
+    def _evaluate_in_stages(
+        self, trial: optuna.Trial, dropped: tuple[int, ...], stop_above: float | None
+    ) -> tuple[FitnessResult, str | None]:
+        """Score sample by sample with staged reports; the result, and why it stopped early."""
+        fitness = self.fitness
+        forwards = fitness.layer_forwards
+        score = score_in_stages(
+            trial, fitness.iter_samples(dropped), n_samples=len(fitness.calibration.input_ids),
+            total_tokens=fitness.total_tokens, stages=self.stages, stop_above=stop_above,
+        )
+        result = FitnessResult(
+            dropped=dropped, value=score.loss_sum / fitness.total_tokens,
+            samples=tuple(score.samples), complete=score.stopped is None,
+            layer_forwards=fitness.layer_forwards - forwards, total_tokens=fitness.total_tokens,
+        )
+        return result, score.stopped
 
     def _fix_invalid(self, trial: optuna.Trial, dropped: tuple[int, ...]) -> tuple[int, ...]:
         if self.invalid == "reject":

@@ -9,16 +9,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import platform
+import socket
+import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
 import optuna
 import sqlalchemy
 import sqlalchemy.exc
+from optuna.exceptions import ExperimentalWarning
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages._heartbeat import is_heartbeat_enabled
+from optuna.storages._rdb import models as rdb_models
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
@@ -44,6 +52,14 @@ class StudyMismatchError(ValueError):
     """A study is being resumed with a different model, sparsity, calibration or fitness."""
 
 
+class ConcurrentSQLiteError(StorageError):
+    """A second process tried to run a study stored in SQLite."""
+
+
+class BudgetReached(RuntimeError):
+    """A trial started while other workers' trials already filled the method's budget."""
+
+
 def open_storage(url: str | None, heartbeat: int = 20) -> optuna.storages.BaseStorage:
     """An RDB storage with heartbeats (killed workers' trials are failed and retried), or a journal file.
 
@@ -65,6 +81,9 @@ def open_storage(url: str | None, heartbeat: int = 20) -> optuna.storages.BaseSt
         ) from None
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    if parsed.drivername == "postgresql" and not find_spec("psycopg") and find_spec("psycopg2"):
+        # SQLAlchemy 2.1 reads a plain postgresql:// as psycopg 3; the postgres extra installs psycopg2.
+        url = parsed.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
     try:
         return RDBStorage(
             url,
@@ -120,6 +139,7 @@ def open_study(
     directions: list[str],
     sampler: optuna.samplers.BaseSampler | None = None,
     new_study: bool = False,
+    pruner: optuna.pruners.BasePruner | None = None,
 ) -> optuna.Study:
     """Create the study, or load it after checking it was made for the same problem.
 
@@ -131,10 +151,13 @@ def open_study(
         while name in existing:
             name, n = f"{base}-{n}", n + 1
     if name in existing:
-        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
         check_problem(study, problem)
+        refuse_concurrent_sqlite(study)
         return study
-    study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, directions=directions)
+    study = optuna.create_study(
+        study_name=name, storage=storage, sampler=sampler, pruner=pruner, directions=directions
+    )
     study.set_user_attr(PROBLEM_ATTR, problem)
     study.set_user_attr("versions", versions())
     return study
@@ -162,19 +185,124 @@ def method_trials(study: optuna.Study, method: str, states: tuple[TrialState, ..
     ]
 
 
+_COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+
+
 @dataclass
 class MethodBudget:
-    """Stop the study once ``method`` has ``n_trials`` finished trials (shared by all workers)."""
+    """Stop the study once ``method`` has ``n_trials`` finished trials, exactly, across all workers.
+
+    A worker starts no trial while running ones would fill the budget: it waits, since one of them
+    may still fail (a killed worker's, after its heartbeat grace period) and need a replacement.
+    Two workers that start a trial at the same moment are settled by trial number: the later one
+    is not evaluated (:meth:`guard`) and recorded FAIL, so it counts nowhere.
+    """
 
     method: str
     n_trials: int
+    poll_interval: float = 0.5
 
     def done(self, study: optuna.Study) -> int:
         return len(method_trials(study, self.method, (TrialState.COMPLETE, TrialState.PRUNED)))
 
+    def has_room(self, study: optuna.Study) -> bool:
+        """False once the budget is reached; True as soon as one more trial fits beside the running ones."""
+        while True:
+            counted = method_trials(study, self.method, _COUNTED)
+            done = sum(t.state != TrialState.RUNNING for t in counted)
+            if done >= self.n_trials:
+                return False
+            if len(counted) < self.n_trials:
+                return True
+            if not is_heartbeat_enabled(study._storage):
+                return False  # dead workers cannot be told from slow ones: leave the rest to them
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
+            time.sleep(self.poll_interval)
+
+    def admits(self, study: optuna.Study, trial: optuna.trial.BaseTrial) -> bool:
+        """Whether fewer than ``n_trials`` earlier trials of the method are finished or running."""
+        earlier = [t for t in method_trials(study, self.method, _COUNTED) if t.number < trial.number]
+        return len(earlier) < self.n_trials
+
+    def guard(self, objective: Callable[[optuna.Trial], Any]) -> Callable[[optuna.Trial], Any]:
+        """``objective``, except for a trial beyond the budget: FAIL with a reason, not evaluated."""
+
+        def run(trial: optuna.Trial) -> Any:
+            if not self.admits(trial.study, trial):
+                reason = f"not evaluated: other workers' trials fill the {self.method} budget of {self.n_trials}"
+                trial.set_user_attr("fail_reason", reason)
+                raise BudgetReached(reason)
+            return objective(trial)
+
+        return run
+
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if self.done(study) >= self.n_trials:
+        if not self.has_room(study):
             study.stop()
+
+
+def refuse_concurrent_sqlite(study: optuna.Study) -> None:
+    """Raise ConcurrentSQLiteError if another live process runs this SQLite study.
+
+    SQLite ignores ``SELECT ... FOR UPDATE``, so two processes can pop the same enqueued trial and
+    evaluate it twice. Another process runs the study if a RUNNING trial has a fresh heartbeat
+    that goes on advancing (a killed process's stops; a gone pid on this host is dead at once).
+    Cheap, not airtight: a process between two trials is not seen.
+    """
+    storage = getattr(study._storage, "_backend", study._storage)  # unwrap optuna's cache
+    if not isinstance(storage, RDBStorage) or storage.engine.dialect.name != "sqlite":
+        return
+    if not is_heartbeat_enabled(storage):
+        return
+    grace = storage.grace_period or 2 * storage.heartbeat_interval
+    owners = {t.number: t.user_attrs.get("worker") for t in study.get_trials(states=(TrialState.RUNNING,))}
+    before = _running_heartbeats(storage, study._study_id)
+    fresh = [n for n, (_, age) in before.items() if age <= grace and not _gone(owners.get(n))]
+    if not fresh:
+        return
+    time.sleep(storage.heartbeat_interval + 1.5)  # a live process records a newer heartbeat meanwhile
+    after = _running_heartbeats(storage, study._study_id)
+    alive = [n for n, (beat, _) in after.items() if n not in before or beat != before[n][0]]
+    alive += [n for n in fresh if n not in after]  # finished meanwhile
+    if alive:
+        owners.update((t.number, t.user_attrs.get("worker")) for t in study.get_trials(deepcopy=False))
+        worker = next((owners[n] for n in alive if owners.get(n)), "unknown")
+        raise ConcurrentSQLiteError(
+            f"study {study.study_name!r} in SQLite is being run by another process (worker {worker}); "
+            "SQLite is for one process: use postgresql://... or a journal file (.log) for several workers"
+        )
+
+
+def _running_heartbeats(storage: RDBStorage, study_id: int) -> dict[int, tuple[Any, float]]:
+    """Trial number -> (last heartbeat, its age in seconds) of the study's RUNNING trials."""
+    trial, beat = rdb_models.TrialModel, rdb_models.TrialHeartbeatModel
+    query = (
+        sqlalchemy.select(trial.number, beat.heartbeat)
+        .join(beat, beat.trial_id == trial.trial_id)
+        .where(trial.study_id == study_id, trial.state == TrialState.RUNNING)
+    )
+    with storage.engine.connect() as conn:
+        now = conn.execute(sqlalchemy.select(sqlalchemy.func.now())).scalar()
+        now = now.replace(tzinfo=None)  # as optuna does: PostgreSQL's now() carries a zone
+        return {n: (b, (now - b).total_seconds()) for n, b in conn.execute(query)}
+
+
+def _gone(worker: str | None) -> bool:
+    """True for this process, or a process of this host that no longer exists (``host:pid``)."""
+    host, _, pid = (worker or "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    if int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def best_by_method(study: optuna.Study) -> dict[str, dict[str, Any]]:
@@ -240,10 +368,27 @@ class SearchSetup:
 
 def make_sampler(cfg: SearchConfig, space: LayerMaskSpace, n_objectives: int = 1) -> optuna.samplers.BaseSampler:
     """The sampler a config names (search side only: no model needed)."""
-    from optuna_prune.samplers import EvoPSampler, ExhaustiveMaskSampler, RandomMaskSampler, SLEBSampler
+    from optuna_prune.samplers import (
+        EvoPSampler,
+        ExhaustiveMaskSampler,
+        LevelSwitchSampler,
+        RandomMaskSampler,
+        SLEBSampler,
+    )
 
     if cfg.sampler == "evop":
         return EvoPSampler(space, population_size=cfg.population, seed=cfg.seed)
+    if cfg.sampler == "levelswitch":
+        if n_objectives > 1:
+            raise ConfigError("levelswitch keeps one parent: use objective_mode mean or worst")
+        return LevelSwitchSampler(space, offspring=cfg.population or 16, seed=cfg.seed)
+    if cfg.sampler == "darwin":
+        from optuna_prune.samplers.darwin import DarwinSampler
+
+        if n_objectives > 1:
+            raise ConfigError("darwin keeps one parent: use objective_mode mean")
+        schedule = {k: getattr(cfg, k) for k in ("train_tokens", "train_loss", "lr", "lora", "fidelity", "seq_len")}
+        return DarwinSampler(space, survivors=cfg.survivors, seed=cfg.seed, schedule=schedule)
     if cfg.sampler == "random":
         return RandomMaskSampler(space, seed=cfg.seed)
     if cfg.sampler == "exhaustive":
@@ -255,6 +400,23 @@ def make_sampler(cfg: SearchConfig, space: LayerMaskSpace, n_objectives: int = 1
     if cfg.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=cfg.seed)
     return optuna.samplers.RandomSampler(seed=cfg.seed)  # shortgpt: its one mask is enqueued
+
+
+def make_pruner(cfg: SearchConfig, sampler: optuna.samplers.BaseSampler) -> optuna.pruners.BasePruner | None:
+    """Multi-fidelity selection within generations when ``cfg.fidelity`` has stages, else None.
+
+    Only the GA samplers (evop, levelswitch) have generations to rank a candidate in; the other
+    methods score every candidate on all samples.
+    """
+    from optuna_prune.pruners import GenerationHalvingPruner
+    from optuna_prune.samplers import EvoPSampler
+    from optuna_prune.samplers.darwin import DarwinSampler
+
+    if isinstance(sampler, DarwinSampler):  # its stages are training stages, its survivors the keep
+        return sampler.pruner()
+    if not cfg.fidelity or not isinstance(sampler, EvoPSampler):
+        return None
+    return GenerationHalvingPruner(sampler, keep=cfg.fidelity_keep)
 
 
 def default_budget(cfg: SearchConfig, sampler: optuna.samplers.BaseSampler) -> MethodBudget | None:
@@ -269,8 +431,11 @@ def default_budget(cfg: SearchConfig, sampler: optuna.samplers.BaseSampler) -> M
     return MethodBudget(cfg.sampler, population * 10)
 
 
-def prepare(cfg: SearchConfig, new_study: bool = False) -> SearchSetup:
-    """Load the model and calibration set, open (or resume) the study, build sampler and objective."""
+def prepare(cfg: SearchConfig, new_study: bool = False, record_config: bool = True) -> SearchSetup:
+    """Load the model and calibration set, open (or resume) the study, build sampler and objective.
+
+    ``record_config=False`` (a worker joining the study) keeps the config its creator recorded.
+    """
     from optuna_prune.calibration import build_calibration
     from optuna_prune.ccds import CCDSConfig
     from optuna_prune.fitness import make_fitness
@@ -295,20 +460,28 @@ def prepare(cfg: SearchConfig, new_study: bool = False) -> SearchSetup:
     n_objectives = cfg.ccds_clusters if cfg.objective_mode == "clusters" else 1
     space = LayerMaskSpace(num_layers, num_drop)
     sampler = make_sampler(cfg, space, n_objectives)
+    pruner = make_pruner(cfg, sampler)
     study = open_study(
         storage, cfg.study or default_study_name(problem), problem,
-        ["minimize"] * n_objectives, sampler, new_study,
+        ["minimize"] * n_objectives, sampler, new_study, pruner,
     )
-    study.set_user_attr("config", cfg.replace(study=study.study_name).to_dict())
+    if record_config:
+        study.set_user_attr("config", cfg.replace(study=study.study_name).to_dict())
     if calibration.clusters is not None:
         study.set_user_attr("ccds", calibration.clusters)
     fitness = make_fitness(
         cfg.fitness, model, calibration, batch_size=cfg.batch_size, cache_bytes=cfg.cache_mb << 20
     )
-    objective = MaskObjective(
-        fitness, space, method=cfg.sampler, cluster_ids=calibration.cluster_ids,
-        mode=cfg.objective_mode, invalid=cfg.invalid_masks,
-    )
+    if cfg.sampler == "darwin":
+        from optuna_prune.darwin import make_darwin_objective
+
+        objective = make_darwin_objective(cfg, fitness, space, tokenizer)
+    else:
+        objective = MaskObjective(
+            fitness, space, method=cfg.sampler, cluster_ids=calibration.cluster_ids,
+            mode=cfg.objective_mode, invalid=cfg.invalid_masks,
+            stages=cfg.fidelity if pruner is not None else (),
+        )
     budget = default_budget(cfg, sampler)
 
     influence = None
@@ -341,25 +514,29 @@ def run_search(
     new_study: bool = False,
     progress: bool = True,
     on_study: Callable[[optuna.Study], None] | None = None,
+    max_trials: int | None = None,
+    record_config: bool = True,
 ) -> optuna.Study:
     """Run (or resume) the search ``cfg`` describes and return its study.
 
     config -> model and calibration samples -> study -> sampler proposes masks -> objective scores
     them -> storage. ``n_trials`` is this method's budget in the study, so a re-run after a crash only
-    does what is missing.
+    does what is missing. ``max_trials`` caps the trials of this process (one of several workers).
     """
-    setup = prepare(cfg, new_study=new_study)
+    setup = prepare(cfg, new_study=new_study, record_config=record_config)
     study = setup.study
     if on_study is not None:
         on_study(study)
     budget = setup.budget
     remaining = None if budget is None else budget.n_trials - budget.done(study)
-    if remaining is None or remaining > 0:
+    if max_trials is not None:
+        remaining = max_trials if remaining is None else min(remaining, max_trials)
+    if (remaining is None or remaining > 0) and (budget is None or budget.has_room(study)):
         study.optimize(
-            setup.objective,
+            setup.objective if budget is None else budget.guard(setup.objective),
             n_trials=remaining,
             timeout=cfg.timeout,
-            catch=setup.catch,
+            catch=(*setup.catch, BudgetReached),
             callbacks=[budget] if budget is not None else None,
             show_progress_bar=progress,
         )

@@ -8,12 +8,21 @@ of the loss, exactly like the real objective's partial loss over calibration sam
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import optuna
 
+from optuna_prune.pruners import score_in_stages
 from optuna_prune.space import LayerMaskSpace, sampler_hints
+
+
+class ToySample(NamedTuple):
+    """A toy calibration sample's loss, as one "token" (see optuna_prune.pruners.SampleScore)."""
+
+    loss_sum: float
+    n_tokens: int = 1
 
 
 class ToyLoss:
@@ -75,12 +84,15 @@ def make_objective(
     *,
     honour_stop: bool = True,
     fail_if: Callable[[optuna.Trial, tuple[int, ...]], bool] | None = None,
+    stages: Sequence[int] = (),
 ) -> Callable[[optuna.Trial], float]:
     """An objective that follows the sampler hints the way optuna_prune's real objective does.
 
     Partial masks (ALLOW_PARTIAL_KEY) are scored and recorded as PRUNED with the loss as last
     intermediate value; with ``honour_stop`` the scoring stops as soon as the running lower bound
     exceeds STOP_ABOVE_KEY (PRUNED, ``stopped_early=True``). ``fail_if`` makes chosen trials FAIL.
+    With ``stages`` (sample counts) exact-k masks are scored like the real objective's staged
+    (multi-fidelity) scoring, through :func:`optuna_prune.pruners.score_in_stages`.
     """
 
     def objective(trial: optuna.Trial) -> float:
@@ -93,6 +105,21 @@ def make_objective(
         if fail_if is not None and fail_if(trial, dropped):
             raise RuntimeError(f"trial {trial.number} fails on purpose")
         trial.set_user_attr("n_dropped", len(dropped))
+        if stages and not partial:
+            score = score_in_stages(
+                trial,
+                (ToySample(v) for v in toy.per_sample(dropped)),
+                n_samples=toy.n_samples,
+                total_tokens=toy.n_samples,
+                stages=stages,
+                stop_above=hints.stop_above if honour_stop else None,
+            )
+            trial.set_user_attr("stopped_early", score.stopped is not None)
+            trial.set_user_attr("samples_scored", len(score.samples))
+            trial.set_user_attr("stop_reason", score.stopped)
+            if score.stopped is not None:
+                raise optuna.TrialPruned(score.stopped)
+            return score.loss_sum / toy.n_samples
         means = toy.partial_means(dropped)
         for step, lower_bound in enumerate(means[:-1]):
             if honour_stop and hints.stop_above is not None and lower_bound > hints.stop_above:

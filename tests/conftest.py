@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -54,3 +55,66 @@ def tiny_model() -> Callable[..., tf.PreTrainedModel]:
         return tf.AutoModelForCausalLM.from_config(config).eval()
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """An 8-layer random Llama saved as a normal checkpoint with SmolLM2's real tokenizer."""
+    from optuna_prune.models import smollm2_checkpoint
+
+    tokenizer = tf.AutoTokenizer.from_pretrained(smollm2_checkpoint())
+    config = tf.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=8,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    )
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def recorded_study(tiny_checkpoint, tmp_path):
+    """A study over `tiny_checkpoint` (drop 2 of 8) as searches leave it, without running one: config and
+    problem attrs, SLEB's partial step (PRUNED) and final mask, two EvoP masks, a failed trial.
+    Trial numbers: 0 sleb partial, 1 sleb [3, 6], 2 evop [1, 3] (best), 3 evop [2, 5], 4 FAIL."""
+    import math
+
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from optuna_prune.config import SearchConfig
+
+    storage = f"sqlite:///{tmp_path / 'recorded.db'}"
+    cfg = SearchConfig(model=str(tiny_checkpoint), drop=2, calibration="pydoc", n_samples=2, seq_len=32,
+                       storage=storage, study="recorded")
+    study = optuna.create_study(study_name="recorded", storage=storage)
+    study.set_user_attr("config", cfg.to_dict())
+    study.set_user_attr("problem", {
+        "model": str(tiny_checkpoint), "num_layers": 8, "num_drop": 2, "sparsity": 0.25,
+        "calibration": "pydoc", "calibration_sha256": "ab" * 32, "n_samples": 2, "seq_len": 32,
+        "ccds_clusters": 0, "fitness": "perplexity", "objective_mode": "mean", "seed": 0,
+    })
+    names = [f"layer_{i:02d}" for i in range(8)]
+    dists = {n: CategoricalDistribution([0, 1]) for n in names}
+
+    def add(state, value, method, dropped):
+        params = {n: int(i in dropped) for i, n in enumerate(names)}
+        attrs = {"method": method, "dropped": list(dropped), "n_dropped": len(dropped)}
+        if state == TrialState.COMPLETE:
+            attrs["perplexity"] = math.exp(value)
+        study.add_trial(create_trial(
+            state=state, value=value if state == TrialState.COMPLETE else None, params=params,
+            distributions=dists, user_attrs=attrs,
+            intermediate_values={2: value} if state == TrialState.PRUNED else None,
+        ))
+
+    add(TrialState.PRUNED, 10.7, "sleb", [3])
+    add(TrialState.COMPLETE, 10.9, "sleb", [3, 6])
+    add(TrialState.COMPLETE, 10.8, "evop", [1, 3])
+    add(TrialState.COMPLETE, 11.0, "evop", [2, 5])
+    add(TrialState.FAIL, None, "evop", [4, 5])
+    return study

@@ -30,27 +30,6 @@ from optuna_prune.study import (
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    """An 8-layer random Llama saved as a normal checkpoint with SmolLM2's real tokenizer."""
-    import torch
-    import transformers as tf
-
-    from optuna_prune.models import smollm2_checkpoint
-
-    tokenizer = tf.AutoTokenizer.from_pretrained(smollm2_checkpoint())
-    config = tf.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=8,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-    )
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(config)
-    out = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
 def tiny_config(checkpoint: Path, storage: str, **changes) -> SearchConfig:
     base = dict(
         model=str(checkpoint), drop=3, sampler="evop", calibration="pydoc", n_samples=2, seq_len=32,

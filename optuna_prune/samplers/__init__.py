@@ -1,4 +1,4 @@
-"""Samplers that propose which layers to drop: EvoP, SLEB, random and exhaustive search.
+"""Samplers that propose which layers to drop: EvoP, EvoPress level switch, SLEB, random, exhaustive.
 
 All of them subclass :class:`MaskSampler`, propose exact-k masks of a
 :class:`~optuna_prune.space.LayerMaskSpace` as ``layer_xx`` params, and keep their state in the
@@ -8,6 +8,7 @@ study's storage. They use only Optuna and numpy, so they work for any exact-k su
 from optuna_prune.samplers.base import MASK_KEY, SURPLUS_KEY, MaskSampler, trial_loss, trial_mask
 from optuna_prune.samplers.evop import ORIGIN_KEY, PARENTS_KEY, EvoPSampler
 from optuna_prune.samplers.exhaustive import ExhaustiveMaskSampler
+from optuna_prune.samplers.levelswitch import LevelSwitchSampler
 from optuna_prune.samplers.random_mask import RandomMaskSampler
 from optuna_prune.samplers.sleb import STEP_KEY, SLEBError, SLEBSampler, sleb_result
 
@@ -19,6 +20,7 @@ __all__ = [
     "SURPLUS_KEY",
     "EvoPSampler",
     "ExhaustiveMaskSampler",
+    "LevelSwitchSampler",
     "MaskSampler",
     "RandomMaskSampler",
     "SLEBError",

@@ -1,0 +1,180 @@
+"""Evaluate a study's masks against the dense model: perplexity, downstream accuracy, speed.
+
+Reads the study, never a running search: the model comes from the study's recorded config, is loaded
+once and masked in place for each trial. Results go back into the study as user attr ``"evaluations"``
+(``{"dense" | "trial-<N>": entry}``, the schema the report module reads) and optionally to a JSON file.
+Optuna refuses to change a finished trial's user attrs, so the study attr is where evaluations live.
+
+Each part of an entry (one dataset's perplexity, one task's accuracy, the speed) is reused when it is
+already stored under the same settings (``entry["settings"]``; a task's ``limit``), so the dense model is
+measured once per study and a later call with more tasks runs only the new ones.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial
+
+from optuna_prune.downstream import DEFAULT_TASKS
+from optuna_prune.export import TrialChoiceError, choose_trial
+from optuna_prune.study import best_by_method, config_of
+
+DEFAULT_DATASETS = ("wikitext2", "c4")
+EVALUATIONS_ATTR = "evaluations"
+PER_METHOD = "best-per-method"
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How perplexity and speed are measured; a stored number is reused only under the same settings."""
+
+    seq_len: int = 2048
+    stride: int | None = None
+    max_windows: int | None = None
+    max_chars: int | None = None
+    prompt_tokens: int = 256
+    new_tokens: int = 32
+    repeats: int = 5
+
+    def perplexity(self) -> dict[str, Any]:
+        return {"seq_len": self.seq_len, "stride": self.stride, "max_windows": self.max_windows,
+                "max_chars": self.max_chars}
+
+    def speed(self) -> dict[str, Any]:
+        return {"prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens, "repeats": self.repeats}
+
+
+def chosen_trials(study: optuna.Study, trial: int | str | None = None, methods: str | None = None) -> list[FrozenTrial]:
+    """One trial (a number, or the best for None / "best"), or with ``methods="best-per-method"`` the
+    best trial of each method, best first."""
+    if methods is None:
+        return [choose_trial(study, trial)]
+    if methods != PER_METHOD:
+        raise TrialChoiceError(f"methods={methods!r} is not supported; use {PER_METHOD!r} or None")
+    best = sorted(best_by_method(study).values(), key=lambda e: e["value"])
+    return [choose_trial(study, e["trial"]) for e in best] if best else [choose_trial(study)]
+
+
+def entry_key(trial: int | None) -> str:
+    return "dense" if trial is None else f"trial-{trial}"
+
+
+def _entry(stored: dict[str, Any], trial: FrozenTrial | None) -> dict[str, Any]:
+    """The stored entry of the dense model or a trial, reset if it was made for another mask."""
+    dropped = [] if trial is None else list(trial.user_attrs["dropped"])
+    entry = dict(stored.get(entry_key(None if trial is None else trial.number)) or {})
+    if entry.get("dropped", dropped) != dropped:  # a study re-created under the same name
+        entry = {}
+    method = None if trial is None else trial.user_attrs.get("method")
+    entry.update(
+        label="dense" if trial is None else f"{method or 'trial'} (trial {trial.number})",
+        method=method, trial=None if trial is None else trial.number, dropped=dropped,
+    )
+    for part in ("perplexity", "downstream", "settings"):
+        entry[part] = dict(entry.get(part) or {})
+    return entry
+
+
+def evaluate_study(
+    study: optuna.Study,
+    trial: int | str | None = None,
+    methods: str | None = None,
+    datasets: Sequence[str] = DEFAULT_DATASETS,
+    tasks: Sequence[str] = DEFAULT_TASKS,
+    limit: int | None = None,
+    data_dir: str | Path | None = None,
+    speed: bool = True,
+    out_json: str | Path | None = None,
+    settings: EvalSettings = EvalSettings(),
+    device: str | None = None,
+    batch_size: int = 1,
+    recompute: bool = False,
+) -> dict[str, Any]:
+    """Evaluate the dense model and the chosen trial(s) of ``study``; store and return the results.
+
+    ``trial`` picks one trial (a number, or the best for None / "best"); ``methods="best-per-method"``
+    evaluates the best trial of every method instead (for a table: dense, SLEB, EvoP, ...). ``data_dir``
+    defaults to the study's; ``recompute`` ignores what is stored. Returns
+    ``{"study", "problem", "evaluations": {key: entry}}``, also written to ``out_json``.
+    """
+    from optuna_prune.downstream import downstream
+    from optuna_prune.models import load_model
+    from optuna_prune.perplexity import perplexity
+
+    trials = chosen_trials(study, trial, methods)
+    cfg = config_of(study)
+    data_dir = data_dir if data_dir is not None else cfg.data_dir
+    model, tokenizer = load_model(cfg.model, device=device or cfg.device, dtype=cfg.dtype)
+    stored: dict[str, Any] = {} if recompute else dict(study.user_attrs.get(EVALUATIONS_ATTR) or {})
+    entries = [_entry(stored, None)] + [_entry(stored, t) for t in trials]
+
+    def save(entry: dict[str, Any]) -> None:  # after every part, so an interrupted run keeps its work
+        stored[entry_key(entry["trial"])] = entry
+        study.set_user_attr(EVALUATIONS_ATTR, stored)
+
+    ppl_settings = settings.perplexity()
+    for entry in entries:
+        if entry["settings"].get("perplexity") != ppl_settings:
+            entry["perplexity"] = {}
+        for dataset in datasets:
+            if dataset not in entry["perplexity"]:
+                entry["perplexity"][dataset] = perplexity(
+                    model, tokenizer, dataset, data_dir=data_dir, dropped=entry["dropped"],
+                    batch_size=batch_size, **ppl_settings,
+                )
+                entry["settings"]["perplexity"] = ppl_settings
+                save(entry)
+        todo = [t for t in tasks if t not in entry["downstream"] or entry["downstream"][t].get("limit") != limit]
+        if todo:
+            entry["downstream"].update(downstream(
+                model, tokenizer, todo, limit=limit, data_dir=data_dir, dropped=entry["dropped"],
+                batch_size=batch_size,
+            ))
+            save(entry)
+    if speed:
+        _measure_speeds(model, tokenizer, entries, {**settings.speed(), "device": str(model.device)}, save)
+
+    result = {
+        "study": study.study_name,
+        "problem": study.user_attrs.get("problem"),
+        "evaluations": {entry_key(e["trial"]): e for e in entries},
+    }
+    if out_json is not None:
+        Path(out_json).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        Path(out_json).expanduser().write_text(json.dumps(result, indent=2), encoding="utf-8")
+    return result
+
+
+def _measure_speeds(
+    model: Any, tokenizer: Any, entries: list[dict[str, Any]], wanted: dict[str, Any],
+    save: Callable[[dict[str, Any]], None],
+) -> None:
+    """Speed of each entry not yet measured under ``wanted``; a pruned mask is timed side by side with
+    the dense model (``compare_speed``), whose numbers also fill the dense entry if it has none."""
+    from optuna_prune.speed import compare_speed, measure_speed
+
+    options = {k: v for k, v in wanted.items() if k != "device"}
+
+    def record(entry: dict[str, Any], numbers: dict[str, Any], prefill: float, decode: float, where: str) -> None:
+        entry["speed"] = {"prefill_ms": numbers["prefill_ms"], "decode_tokens_per_s": numbers["decode_tokens_per_s"],
+                          "prefill_speedup": prefill, "decode_speedup": decode, "device": where}
+        entry["settings"]["speed"] = wanted
+        save(entry)
+
+    dense, *pruned = entries
+    for entry in pruned:
+        if entry["settings"].get("speed") != wanted:
+            both = compare_speed(model, tokenizer, entry["dropped"], **options)
+            record(entry, both["pruned"], both["prefill_speedup"], both["decode_speedup"], both["device"])
+            if dense["settings"].get("speed") != wanted:
+                record(dense, both["dense"], 1.0, 1.0, both["device"])
+    if dense["settings"].get("speed") != wanted:
+        alone = measure_speed(model, tokenizer, (), **options)
+        record(dense, alone, 1.0, 1.0, alone["device"])
+

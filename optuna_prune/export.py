@@ -1,0 +1,92 @@
+"""Ship a trial's mask: the pruned model as a plain Hugging Face checkpoint.
+
+The study says everything needed: its recorded config names the model (and how it was loaded), its
+problem the calibration set and sparsity, the trial the dropped layers and their score. The export is a
+normal safetensors folder with an updated config, the tokenizer and a model card, so
+``AutoModelForCausalLM.from_pretrained(out_dir)`` loads it with no custom code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from optuna_prune.study import best_by_method, config_of
+
+
+class TrialChoiceError(ValueError):
+    """The trial asked for does not exist or has no complete exact-k mask to export or evaluate."""
+
+
+def choose_trial(study: optuna.Study, trial: int | str | None = None) -> FrozenTrial:
+    """The trial numbered ``trial``, or the best complete exact-k trial for None / ``"best"``.
+
+    Only COMPLETE trials that dropped exactly the study's k layers qualify: a PRUNED trial is a partial
+    SLEB step or a candidate stopped early, whose mask or score is not the final one.
+    """
+    if trial is None or trial == "best":
+        best = best_by_method(study)
+        if not best:
+            detail = "it is multi-objective; pass --trial N" if len(study.directions) > 1 else "it has none"
+            raise TrialChoiceError(f"study {study.study_name!r} has no best complete trial: {detail}")
+        trial = min(best.values(), key=lambda e: e["value"])["trial"]
+    number = int(trial)
+    trials = study.get_trials(deepcopy=False)
+    found = next((t for t in trials if t.number == number), None)
+    if found is None:
+        raise TrialChoiceError(
+            f"study {study.study_name!r} has no trial {number}; its trials are numbered 0..{len(trials) - 1}"
+        )
+    k = study.user_attrs.get("problem", {}).get("num_drop")
+    dropped = found.user_attrs.get("dropped")
+    if found.state != TrialState.COMPLETE or dropped is None or (k is not None and len(dropped) != k):
+        what = f"{found.state.name}" + (f", drops {len(dropped)} of the study's {k} layers" if dropped is not None else "")
+        raise TrialChoiceError(
+            f"trial {number} of study {study.study_name!r} is not a complete exact-k mask ({what}); "
+            "pick a COMPLETE trial (optuna-prune show lists the best ones) or use --best"
+        )
+    return found
+
+
+def trial_card(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
+    """What a model card should say about where a mask came from and how good it was."""
+    problem = study.user_attrs.get("problem", {})
+    card: dict[str, Any] = {
+        "source model": problem.get("model"),
+        "study": study.study_name,
+        "trial": trial.number,
+        "method": trial.user_attrs.get("method"),
+        "sparsity": problem.get("sparsity"),
+        "calibration": problem.get("calibration"),
+        "calibration sha256": problem.get("calibration_sha256"),
+        "calibration samples": f"{problem.get('n_samples')} x {problem.get('seq_len')} tokens",
+        "fitness": problem.get("fitness"),
+        "value (mean loss per token)": trial.values[0] if trial.values and len(trial.values) == 1 else trial.values,
+    }
+    if trial.user_attrs.get("perplexity") is not None:
+        card["calibration perplexity"] = round(trial.user_attrs["perplexity"], 4)
+    return {k: v for k, v in card.items() if v is not None}
+
+
+def export_trial(
+    study: optuna.Study,
+    trial_number: int | str | None = None,
+    out_dir: str | Path = "pruned-model",
+    device: str | None = "cpu",
+) -> Path:
+    """Write the model pruned by a trial's mask (default: the best trial) to ``out_dir``; return it.
+
+    The model is loaded from the study's recorded config (its model and dtype; on the CPU by default,
+    which saving needs no more than), pruned with ``layers.save_pruned`` and saved with its tokenizer and
+    a model card listing the dropped layers, the source model and the search that chose them.
+    """
+    from optuna_prune.layers import save_pruned
+    from optuna_prune.models import load_model
+
+    trial = choose_trial(study, trial_number)
+    cfg = config_of(study)
+    model, tokenizer = load_model(cfg.model, device=device, dtype=cfg.dtype)
+    return save_pruned(model, trial.user_attrs["dropped"], out_dir, tokenizer, trial_card(study, trial))

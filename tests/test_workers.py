@@ -1,0 +1,295 @@
+"""Many worker processes on one study: a shared evolution and budget, crash recovery, restarts.
+
+The PostgreSQL tests run real ``optuna-prune worker`` processes against the server on
+127.0.0.1:5432 (each test in a database of its own, dropped afterwards); they skip only if no
+server answers. Workers use one CPU thread each, as one worker per GPU would.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from optuna_prune.cli import main
+from optuna_prune.samplers import MASK_KEY, PARENTS_KEY, EvoPSampler
+from optuna_prune.space import METHOD_KEY
+from optuna_prune.study import ConcurrentSQLiteError, open_storage
+from optuna_prune.worker import run_worker
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+ROOT = Path(__file__).resolve().parents[1]
+GENERATION = f"{EvoPSampler.__name__}:generation"
+PARENT_CACHE = f"{EvoPSampler.__name__}:parent:"
+WORKER_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+POPULATION = 4
+
+
+def _admin():  # noqa: ANN202
+    """An autocommit connection to the server's ``test`` database, or None if no server answers."""
+    psycopg2 = pytest.importorskip("psycopg2")
+    for user in ("postgres", "root"):
+        try:
+            conn = psycopg2.connect(host="127.0.0.1", port=5432, user=user, dbname="test", connect_timeout=3)
+        except psycopg2.OperationalError:
+            continue
+        conn.autocommit = True
+        return conn, user
+    return None, None
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test, dropped afterwards."""
+    conn, user = _admin()
+    if conn is None:
+        pytest.skip("no PostgreSQL server answers on 127.0.0.1:5432 (user postgres or root, database test)")
+    name = f"optuna_prune_test_{uuid.uuid4().hex[:12]}"
+    with conn.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql://{user}@127.0.0.1:5432/{name}"
+    finally:
+        with conn.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.close()
+
+
+def create(checkpoint: Path, storage: str, n_trials: int, heartbeat: int = 2, *extra: str) -> None:
+    """``optuna-prune create`` for an 8-layer model, drop 3, EvoP with population 4."""
+    args = [
+        "create", "--model", str(checkpoint), "--drop", "3", "--calibration", "pydoc",
+        "--n-samples", "2", "--seq-len", "32", "--population", str(POPULATION), "--seed", "0",
+        "--n-trials", str(n_trials), "--storage", storage, "--study", "tiny",
+        "--heartbeat", str(heartbeat), *extra,
+    ]
+    assert main(args) == 0
+
+
+def start_worker(storage: str, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "optuna_prune.cli", "worker", "--storage", storage, "--study", "tiny",
+           "--no-progress", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=WORKER_ENV,
+                            cwd=ROOT)
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float = 300) -> None:
+    for p in procs:
+        try:
+            code = p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        assert code == 0, p.stderr.read()
+
+
+def load(storage: str) -> optuna.Study:
+    return optuna.load_study(study_name="tiny", storage=open_storage(storage))
+
+
+def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+            if t.system_attrs.get(METHOD_KEY) == "evop"]
+
+
+def worker_id(proc: subprocess.Popen) -> str:
+    return f"{socket.gethostname()}:{proc.pid}"
+
+
+def check_evolution(study: optuna.Study, budget: int) -> None:
+    """The shared-search invariants every multi-worker run must keep."""
+    done = finished(study)
+    assert len(done) == budget  # exact: MethodBudget waits for running trials and settles races
+    assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
+    for t in study.get_trials(states=(TrialState.FAIL,)):  # only budget races may fail here
+        assert t.user_attrs.get("fail_reason", "").startswith("not evaluated"), t
+    complete = [t for t in done if t.state == TrialState.COMPLETE]
+    assert complete and all(len(t.user_attrs["dropped"]) == 3 for t in complete)  # exact k
+    masks = [tuple(t.system_attrs[MASK_KEY]) for t in done]
+    assert len(masks) == len(set(masks))  # no mask scored twice
+    members = Counter(t.system_attrs[GENERATION] for t in done)
+    last = max(members)
+    assert set(members) == set(range(last + 1)) and last >= 2
+    assert all(members[g] >= POPULATION for g in range(last))  # every closed generation is full
+    # Parents are decided once per generation, and every offspring was bred from those parents.
+    attrs = study.system_attrs
+    by_id = {t._trial_id: t for t in study.get_trials(deepcopy=False)}
+    n_elite = math.ceil(0.3 * POPULATION)
+    for g in range(1, last + 1):
+        parents = [by_id[i] for i in attrs[f"{PARENT_CACHE}{g}"]]
+        assert len(parents) == n_elite
+        assert all(p.state.is_finished() and p.state != TrialState.FAIL for p in parents)
+        assert all(p.system_attrs[GENERATION] < g for p in parents)
+        numbers = {p.number for p in parents}
+        for t in done:
+            if t.system_attrs[GENERATION] == g and PARENTS_KEY in t.system_attrs:
+                assert set(t.system_attrs[PARENTS_KEY]) <= numbers
+
+
+@pytest.mark.postgres
+def test_three_workers_share_one_evolution_and_budget(tiny_checkpoint, pg_url):
+    create(tiny_checkpoint, pg_url, n_trials=24)
+    study = load(pg_url)
+    assert study.user_attrs["config"]["model"] == str(tiny_checkpoint.resolve())
+    assert not study.trials  # create runs nothing
+    procs = [start_worker(pg_url) for _ in range(3)]
+    wait_all(procs)
+    study = load(pg_url)
+    check_evolution(study, budget=24)
+    workers = Counter(t.user_attrs["worker"] for t in finished(study))
+    assert set(workers) <= {worker_id(p) for p in procs} and len(workers) >= 2, workers
+    assert study.user_attrs["config"].get("device") is None  # workers leave the recorded config alone
+
+
+@pytest.mark.postgres
+def test_sigkilled_worker_trial_is_retried_by_another(tiny_checkpoint, pg_url):
+    create(tiny_checkpoint, pg_url, 16, 1)
+    victim, survivor = start_worker(pg_url), start_worker(pg_url)
+    try:
+        killed = _kill_mid_trial(pg_url, victim)
+        killed_at = time.monotonic()
+        before = {t.number: t.value for t in finished(load(pg_url))}
+        failed_after = retried_after = None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and retried_after is None:
+            study = load(pg_url)
+            if failed_after is None and study.trials[killed].state == TrialState.FAIL:
+                failed_after = time.monotonic() - killed_at
+            retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed]
+            if retry and retry[0].state.is_finished():
+                retried_after = time.monotonic() - killed_at
+            time.sleep(0.2)
+        wait_all([survivor])
+    finally:
+        for p in (victim, survivor):
+            p.kill()
+            p.wait()
+    study = load(pg_url)
+    print(f"killed trial {killed}: FAIL after {failed_after:.1f} s, retry finished after {retried_after:.1f} s")
+    lost = study.trials[killed]
+    assert lost.state == TrialState.FAIL and failed_after >= 3  # the grace period is 3 x 1 s
+    (retry,) = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed]
+    assert retry.state in (TrialState.COMPLETE, TrialState.PRUNED)
+    assert retry.user_attrs["dropped"] == lost.user_attrs["dropped"]  # same candidate
+    assert retry.system_attrs[GENERATION] == lost.system_attrs[GENERATION]
+    assert retry.user_attrs["worker"] == worker_id(survivor)
+    after = {t.number: t.value for t in finished(study)}
+    assert {n: after[n] for n in before} == before  # nothing stored was lost or recomputed
+    check_evolution(study, budget=16)
+
+
+def _kill_mid_trial(storage: str, proc: subprocess.Popen) -> int:
+    """SIGKILL ``proc`` while it evaluates a candidate (after its first two); return that trial's number.
+
+    The process is frozen first, so the trial seen RUNNING is still RUNNING when it dies.
+    """
+    me = worker_id(proc)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read()
+        try:
+            trials = load(storage).get_trials(deepcopy=False)
+        except KeyError:
+            continue
+        mine = [t for t in trials if t.user_attrs.get("worker") == me]
+        if sum(t.state.is_finished() for t in mine) >= 2 and any(t.state == TrialState.RUNNING for t in mine):
+            proc.send_signal(signal.SIGSTOP)
+            running = [t for t in load(storage).get_trials(deepcopy=False)
+                       if t.user_attrs.get("worker") == me and t.state == TrialState.RUNNING]
+            if running:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return running[0].number
+            proc.send_signal(signal.SIGCONT)
+        time.sleep(0.05)
+    raise AssertionError("the worker never ran a trial")
+
+
+@pytest.mark.postgres
+def test_restarted_workers_continue_the_evolution(tiny_checkpoint, pg_url):
+    create(tiny_checkpoint, pg_url, n_trials=20)
+    first = [start_worker(pg_url, "--n-trials", "5") for _ in range(2)]
+    wait_all(first)
+    study = load(pg_url)
+    per_worker = Counter(t.user_attrs["worker"] for t in study.trials)
+    assert all(n <= 5 for n in per_worker.values())  # --n-trials caps each worker
+    stopped = {t.number for t in finished(study)}
+    last_generation = max(t.system_attrs[GENERATION] for t in finished(study))
+    assert 5 <= len(stopped) <= 10 and last_generation >= 1
+
+    wait_all([start_worker(pg_url) for _ in range(2)])  # a full stop, then all workers again
+    study = load(pg_url)
+    check_evolution(study, budget=20)
+    new = [t for t in finished(study) if t.number not in stopped]
+    assert min(t.system_attrs[GENERATION] for t in new) >= last_generation  # continued, not restarted
+    assert max(t.system_attrs[GENERATION] for t in new) > last_generation
+
+
+@pytest.mark.postgres
+def test_storage_load_small(pg_url):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from storage_load import run_load
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    result = run_load(pg_url, workers=4, seconds=4, startup=6)
+    print(result)
+    assert not result["crashes"]
+    assert result["errors"] == 0 and result["duplicates"] == 0 and result["running"] == 0
+    assert result["complete"] > 0
+
+
+def test_sqlite_refuses_a_second_process_and_ctrl_c_ends_a_worker(tiny_checkpoint, tmp_path, capsys):
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    create(tiny_checkpoint, storage, 400, 1)
+    first = start_worker(storage)
+    try:
+        _wait_running(storage, first)
+        with pytest.raises(ConcurrentSQLiteError, match="SQLite is for one process") as info:
+            run_worker(storage, "tiny", n_trials=1)
+        assert worker_id(first) in str(info.value) and "postgresql://" in str(info.value)
+        assert not load(storage).get_trials(states=(TrialState.WAITING,))  # nothing left behind
+
+        # Ctrl-C: the worker stops cleanly, its running trial FAIL, one line, exit code 130.
+        first.send_signal(signal.SIGINT)
+        assert first.wait(timeout=60) == 130
+        err = first.stderr.read().strip().splitlines()
+        assert len(err) == 1 and "interrupted" in err[0], err
+    finally:
+        first.kill()
+        first.wait()
+    study = load(storage)
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+    assert study.get_trials(states=(TrialState.FAIL,))
+    # The interrupted process is gone: a new worker is not refused and resumes the study.
+    done = len(finished(study))
+    run_worker(storage, "tiny", n_trials=2)
+    assert len(finished(load(storage))) == done + 2
+
+
+def _wait_running(storage: str, proc: subprocess.Popen) -> None:
+    me = worker_id(proc)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read()
+        try:
+            if any(t.user_attrs.get("worker") == me for t in load(storage).get_trials(states=(TrialState.RUNNING,))):
+                return
+        except KeyError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("the worker never ran a trial")
