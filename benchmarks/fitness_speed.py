@@ -23,6 +23,7 @@ from pathlib import Path
 
 import optuna
 import torch
+from tqdm import tqdm
 
 from optuna_prune.calibration import build_calibration
 from optuna_prune.fitness import PerplexityFitness, plain_forward_loss
@@ -51,15 +52,15 @@ def replay(model, calibration, sequence, label: str) -> float:
     """Time (a) and (b) on the same sequence, check they agree, print masks/s, return the ratio."""
     t0 = time.perf_counter()
     fitness = PerplexityFitness(model, calibration)  # its dense pass counts in (b)'s time
-    ours = [fitness.evaluate(mask, stop_above=thr) for mask, thr in sequence]
+    ours = [fitness.evaluate(mask, stop_above=thr) for mask, thr in tqdm(sequence, desc=f"{label}: ours")]
     t_ours = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    plain = [plain_forward_loss(model, calibration, mask) for mask, _ in sequence]
+    plain = [plain_forward_loss(model, calibration, mask) for mask, _ in tqdm(sequence, desc=f"{label}: SLEB way")]
     t_plain = time.perf_counter() - t0
 
     stopped = 0
-    for (mask, thr), got, ref in zip(sequence, ours, plain):
+    for (mask, thr), got, ref in zip(sequence, ours, plain, strict=True):
         if got.complete:
             assert abs(got.value - ref) <= 1e-4 * max(1.0, abs(ref)), (mask, got.value, ref)
         else:
@@ -99,6 +100,7 @@ def main() -> None:
 
     search_fitness = PerplexityFitness(model, calibration)
     sleb_seq = record_search(SLEBSampler(space), MaskObjective(search_fitness, space, "sleb"), None)
+    print(f"SLEB search: {len(sleb_seq)} evaluations")
     ga_seq = record_search(
         EvoPSampler(space, population_size=args.population, seed=0),
         MaskObjective(search_fitness, space, "evop"), args.ga_trials,

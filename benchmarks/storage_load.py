@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import multiprocessing
+import threading
 import time
 import traceback
 import uuid
-from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,7 @@ from optuna_prune.space import LayerMaskSpace
 from optuna_prune.study import open_storage
 
 GENERATION_KEY = f"{EvoPSampler.__name__}:generation"
+_SETUP_TIMEOUT = 300.0  # seconds for every worker to import and connect
 
 
 class ToyLoss:
@@ -49,13 +51,13 @@ class ToyLoss:
 
 
 def _worker(
-    storage_url: str, study_name: str, space: dict[str, Any], population: int, start: float, seconds: float
-) -> tuple[int, float, str | None]:
-    """One worker process: wait for the common start, optimize until the common end.
+    storage_url: str, study_name: str, space: dict[str, Any], population: int, seconds: float, ready: Any,
+    results: Any,
+) -> None:
+    """One worker process: set up, wait at ``ready`` for all others, optimize for ``seconds``.
 
-    Returns (trials it scored, seconds it started late, traceback or None).
+    Puts (trials it scored, traceback or None) on ``results``.
     """
-    late = 0.0
     scored = 0
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
@@ -70,12 +72,12 @@ def _worker(
             scored += 1
             return toy(mask_space.dropped_from_params(params))
 
-        late = time.time() - start
-        time.sleep(max(0.0, -late))
-        study.optimize(objective, timeout=max(0.1, start + seconds - time.time()))
-        return scored, max(0.0, late), None
+        ready.wait(timeout=_SETUP_TIMEOUT)
+        study.optimize(objective, timeout=seconds)
+        results.put((scored, None))
     except Exception:
-        return scored, max(0.0, late), traceback.format_exc(limit=3)
+        ready.abort()  # the others stop waiting for this worker
+        results.put((scored, traceback.format_exc(limit=3)))
 
 
 def run_load(
@@ -85,40 +87,52 @@ def run_load(
     layers: int = 30,
     drop: int = 6,
     population: int | None = None,
-    startup: float = 8.0,
 ) -> dict[str, Any]:
-    """Run the load test in a fresh study of ``storage_url``; return its figures."""
+    """Run the load test in a fresh study of ``storage_url``; return its figures.
+
+    Workers start together once all have imported and connected; ``elapsed`` runs from that
+    start until the last worker has finished the trial it was in at ``seconds``.
+    """
     space = LayerMaskSpace(layers, drop)
     population = population or max(10, layers)
     name = f"storage-load-{uuid.uuid4().hex[:8]}"
     storage = open_storage(storage_url, 5)
     optuna.create_study(study_name=name, storage=storage, direction="minimize")
-    start = time.time() + startup  # spawned processes need a few seconds to import optuna
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        futures = [
-            pool.submit(_worker, storage_url, name, space.to_dict(), population, start, seconds)
-            for _ in range(workers)
-        ]
-        results = [f.result() for f in futures]
+    ready, queue = context.Barrier(workers + 1), context.Queue()
+    procs = [
+        context.Process(
+            target=_worker, args=(storage_url, name, space.to_dict(), population, seconds, ready, queue)
+        )
+        for _ in range(workers)
+    ]
+    for proc in procs:
+        proc.start()
+    with contextlib.suppress(threading.BrokenBarrierError):  # a worker failed: its traceback is queued
+        ready.wait(timeout=_SETUP_TIMEOUT)
+    began = time.perf_counter()
+    results = [queue.get(timeout=_SETUP_TIMEOUT + seconds) for _ in procs]
+    elapsed = time.perf_counter() - began
+    for proc in procs:
+        proc.join()
 
     trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
     states = collections.Counter(t.state for t in trials)
     scored = [trial_mask(t, space) for t in trials if t.state == TrialState.COMPLETE]
     generations = [t.system_attrs.get(GENERATION_KEY, -1) for t in trials]
-    crashes = [err for _, _, err in results if err]
+    crashes = [err for _, err in results if err]
     return {
         "study": name,
         "workers": workers,
         "seconds": seconds,
         "complete": states[TrialState.COMPLETE],
-        "trials_per_s": states[TrialState.COMPLETE] / seconds,
+        "elapsed": elapsed,
+        "trials_per_s": states[TrialState.COMPLETE] / elapsed,
         "errors": states[TrialState.FAIL] + len(crashes),
         "duplicates": len(scored) - len(set(scored)),
         "running": states[TrialState.RUNNING],
         "generations": max(generations, default=-1) + 1,
-        "per_worker": [n for n, _, _ in results],
-        "late_start_s": max(late for _, late, _ in results),
+        "per_worker": [n for n, _ in results],
         "crashes": crashes,
     }
 
@@ -134,8 +148,8 @@ def main() -> None:
     args = parser.parse_args()
     r = run_load(args.storage, args.workers, args.seconds, args.layers, args.drop, args.population)
     print(f"storage_load: {r['workers']} workers x {r['seconds']:.0f} s, study {r['study']} in {args.storage}")
-    print(f"trials/s: {r['trials_per_s']:.1f} ({r['complete']} complete, per worker {r['per_worker']}; "
-          f"latest worker start {r['late_start_s']:.1f} s late)")
+    print(f"trials/s: {r['trials_per_s']:.1f} ({r['complete']} complete in {r['elapsed']:.1f} s, "
+          f"per worker {r['per_worker']})")
     print(f"errors: {r['errors']}  duplicates: {r['duplicates']}  running at the end: {r['running']}  "
           f"generations: {r['generations']}")
     for crash in r["crashes"]:

@@ -64,6 +64,13 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, help="darwin: AdamW learning rate of the candidates' fine-tune (1e-5)")
     p.add_argument("--lora", type=int, help="darwin: LoRA rank of the fine-tune (0: train the kept layers; needs peft)")
     p.add_argument("--seed-with", help="comma list: sleb,shortgpt masks seeded into EvoP's generation 0")
+    p.add_argument("--llm", help="selfpruner's LLM: local:<model> (default local:smollm2-135m) or an "
+                   "OpenAI-compatible endpoint such as http://127.0.0.1:8000/v1")
+    p.add_argument("--llm-model", help="model name served by the --llm endpoint")
+    p.add_argument("--llm-timeout", type=float, help="seconds per LLM request (default 60)")
+    p.add_argument("--space", choices=("layers", "rates"), help="layers: drop decoder layers (default); "
+                   "rates (selfpruner): per-layer MLP width-pruning rates with mean --sparsity")
+    p.add_argument("--rate-resolution", type=int, help="rates in steps of 1/N of a layer's MLP width (16)")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: CUDA when present)")
     p.add_argument("--dtype", help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--batch-size", type=int)
@@ -143,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", type=int, default=0, help="LoRA rank, merged before saving (0: train the kept layers)")
     p.add_argument("--batch-size", type=int, default=1, help="windows per optimiser step")
     p.add_argument("--eval", help="comma list of held-out perplexity datasets (default: the calibration corpus)")
-    p.add_argument("--eval-windows", type=int, default=16, help="held-out windows of the search's seq_len")
+    p.add_argument("--eval-windows", type=int, default=16, help="held-out perplexity windows")
+    p.add_argument("--eval-seq-len", type=int, help="tokens per held-out window (default: the search's seq_len)")
     p.add_argument("--device")
 
     p = sub.add_parser("dashboard", help="start optuna-dashboard on the storage")
@@ -285,7 +293,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     entry = finetune_trial(
         study, None if args.best else args.trial, tokens=args.tokens, out_dir=args.out, settings=settings,
         datasets=args.eval.split(",") if args.eval else None, eval_windows=args.eval_windows,
-        device=args.device,
+        eval_seq_len=args.eval_seq_len, device=args.device,
     )
     before, after = entry["before"], entry["after"]
     rows = [("calibration", f"{before['calibration_perplexity']:.2f}", f"{after['calibration_perplexity']:.2f}")]
@@ -318,7 +326,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     cells = [list(map(str, header))] + [list(map(str, r)) for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     for r in cells:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
 def _quiet_libraries() -> None:

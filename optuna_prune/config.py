@@ -21,7 +21,8 @@ class ConfigError(ValueError):
     """A configuration value is missing, malformed or out of range."""
 
 
-SAMPLERS = ("evop", "levelswitch", "darwin", "sleb", "shortgpt", "random", "tpe", "exhaustive")
+SAMPLERS = ("evop", "levelswitch", "darwin", "sleb", "shortgpt", "random", "tpe", "exhaustive", "selfpruner")
+SPACES = ("layers", "rates")
 FITNESS_NAMES = ("perplexity", "kl")
 OBJECTIVE_MODES = ("mean", "worst", "clusters")
 INVALID_MASK_POLICIES = ("repair", "reject")
@@ -57,6 +58,15 @@ class SearchConfig:
     train_loss: str = "kl"
     lr: float = 1e-5
     lora: int = 0
+    # selfpruner: the LLM that breeds candidates (local:<model> or an OpenAI-compatible http(s)://.../v1
+    # endpoint), the served model name and the request timeout (s).
+    llm: str = "local:smollm2-135m"
+    llm_model: str | None = None
+    llm_timeout: float = 60.0
+    # "layers": drop whole decoder layers; "rates" (selfpruner): per-layer MLP width-pruning rates in
+    # steps of 1/rate_resolution whose mean is the sparsity.
+    space: str = "layers"
+    rate_resolution: int = 16
     protect_ends: bool = True
     invalid_masks: str = "repair"
     seed_with: list[str] = field(default_factory=list)
@@ -102,10 +112,29 @@ class SearchConfig:
             self._validate_fidelity()
         if self.sampler == "darwin":
             self._validate_darwin()
+        if self.sampler == "selfpruner" or self.space != "layers":
+            self._validate_selfpruner()
         if self.heartbeat < 1:
             raise ConfigError(f"heartbeat {self.heartbeat} must be >= 1 second")
         if self.batch_size < 1 or self.cache_mb < 0:
             raise ConfigError("batch_size must be >= 1 and cache_mb >= 0")
+
+    def _validate_selfpruner(self) -> None:
+        from optuna_prune.llm import make_llm
+
+        try:  # builds a client: nothing is contacted or loaded
+            make_llm(self.llm, self.llm_model, self.llm_timeout)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        _choice("space", self.space, SPACES)
+        if self.space == "layers":
+            return
+        if self.sampler != "selfpruner" or self.drop is not None:
+            raise ConfigError("space = rates needs sampler selfpruner and a --sparsity (mean MLP width pruned)")
+        if self.fitness != "perplexity" or self.fidelity or self.seed_with:
+            raise ConfigError("space = rates supports fitness perplexity only, without fidelity or seed_with")
+        if self.rate_resolution < 2:
+            raise ConfigError(f"rate_resolution {self.rate_resolution} must be >= 2 (rates in steps of 1/N)")
 
     def _validate_fidelity(self) -> None:
         from optuna_prune.pruners import check_stages

@@ -98,7 +98,8 @@ class DarwinObjective(MaskObjective):
         scoring: The calibration samples (with the dense targets for the "kl" fitness).
         schedule: The stages; every stage ranks the candidate (``stages`` is set from it).
         settings: The fine-tune's loss, optimiser and LoRA rank.
-        snapshot: The untrained decoder layers (default: taken from the fitness's model).
+        snapshot: The untrained decoder layers (default: taken from the fitness's model, unless
+            LoRA, which leaves them alone, is used).
     """
 
     training: TokenData
@@ -118,7 +119,7 @@ class DarwinObjective(MaskObjective):
         if self.mode != "mean":
             raise ValueError(f"training-aware selection ranks one loss; objective mode {self.mode!r} is unsupported")
         self.stages = tuple(s.samples for s in self.schedule)  # non-empty: MaskObjective scores in stages
-        if self.snapshot is None:
+        if self.snapshot is None and not self.settings.lora:  # LoRA leaves the weights alone
             self.snapshot = ParamSnapshot(self.fitness.model)
         self._loss = "kl" if self.fitness.name == "kl" else "lm"
 
@@ -251,7 +252,7 @@ def finetune_trial(
         }
 
     before = measure()
-    with MaskTraining(model, dropped, data, settings) as run:
+    with MaskTraining(model, dropped, data, settings, keep=True) as run:
         losses = run.train(len(data))
     after = measure()
     entry: dict[str, Any] = {

@@ -7,8 +7,8 @@ reloads anything.
 Tasks come from one of two places:
 
 * online: lm-eval's built-in tasks by name (``arc_easy``, ``hellaswag``, ...), read from the hub;
-* offline, whenever a data dir (argument or ``$OPTUNA_PRUNE_DATA``) holds the shared-data ``eval/``
-  layout: the YAML twins in ``optuna_prune/tasks``, which keep the built-in tasks' names, prompts,
+* offline, whenever the data dir (argument, else ``$OPTUNA_PRUNE_DATA``) holds the shared-data
+  ``eval/`` layout: the YAML twins in ``optuna_prune/tasks``, which keep the built-in tasks' names, prompts,
   targets and metrics but read local JSONL files. The path of each file is only known at run time, so a
   small YAML that includes the shipped definition and sets ``dataset_kwargs.data_files`` is written to a
   temporary folder and loaded with ``TaskManager(include_path=...)``.
@@ -61,11 +61,6 @@ def task_manager(tasks: Sequence[str], data_dir: str | Path | None = None) -> It
 
     root = offline_root(data_dir)
     if root is None:
-        if data_dir is not None:
-            raise DownstreamError(
-                f"data dir {data_dir} has no eval/ folder (layout of ../shared/data); fix the path, or "
-                "leave --data-dir out to use lm-eval's built-in tasks from the hub"
-            )
         yield TaskManager()
         return
     unknown = [t for t in tasks if t not in OFFLINE_FILES]

@@ -111,8 +111,9 @@ def evaluate_study(
     cfg = config_of(study)
     data_dir = data_dir if data_dir is not None else cfg.data_dir
     model, tokenizer = load_model(cfg.model, device=device or cfg.device, dtype=cfg.dtype)
-    stored: dict[str, Any] = {} if recompute else dict(study.user_attrs.get(EVALUATIONS_ATTR) or {})
-    entries = [_entry(stored, None)] + [_entry(stored, t) for t in trials]
+    stored: dict[str, Any] = dict(study.user_attrs.get(EVALUATIONS_ATTR) or {})
+    previous = {} if recompute else stored
+    entries = [_entry(previous, None)] + [_entry(previous, t) for t in trials]
 
     def save(entry: dict[str, Any]) -> None:  # after every part, so an interrupted run keeps its work
         stored[entry_key(entry["trial"])] = entry

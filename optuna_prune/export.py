@@ -43,7 +43,9 @@ def choose_trial(study: optuna.Study, trial: int | str | None = None) -> FrozenT
     k = study.user_attrs.get("problem", {}).get("num_drop")
     dropped = found.user_attrs.get("dropped")
     if found.state != TrialState.COMPLETE or dropped is None or (k is not None and len(dropped) != k):
-        what = f"{found.state.name}" + (f", drops {len(dropped)} of the study's {k} layers" if dropped is not None else "")
+        what = found.state.name
+        if dropped is not None and k is not None and len(dropped) != k:
+            what += f", drops {len(dropped)} of the study's {k} layers"
         raise TrialChoiceError(
             f"trial {number} of study {study.study_name!r} is not a complete exact-k mask ({what}); "
             "pick a COMPLETE trial (optuna-prune show lists the best ones) or use --best"

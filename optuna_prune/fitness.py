@@ -152,45 +152,47 @@ class Fitness(abc.ABC):
     # ---- dense pass -------------------------------------------------------------------------
     def _record_dense(self) -> None:
         """Run the dense model once per batch, keeping each layer's inputs and keyword arguments."""
-        layers = self.stack.layers
         for batch in self._batches:
-            records: list[Any] = [None] * len(layers)
-
-            def pre_hook(module, args, kwargs, _i=None):  # noqa: ANN001
-                if "hidden_states" in kwargs:
-                    hidden = kwargs["hidden_states"]
-                    rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-                    records[_i] = ((), rest, True)
-                else:
-                    hidden = args[0]
-                    records[_i] = (args[1:], dict(kwargs), False)
-                batch.dense_inputs.append(hidden.detach())
-
-            def post_hook(module, args, output):  # noqa: ANN001
-                out = output[0] if isinstance(output, tuple) else output
-                batch.dense_inputs.append(out.detach())
-
-            handles = [
-                layer.register_forward_pre_hook(
-                    lambda m, a, k, _i=i: pre_hook(m, a, k, _i), with_kwargs=True
-                )
-                for i, layer in enumerate(layers)
-            ]
-            handles.append(layers[-1].register_forward_hook(post_hook))
-            try:
-                with inference_mode(self.device):
-                    self.model(input_ids=batch.input_ids.to(self.device), use_cache=False)
-            finally:
-                for h in handles:
-                    h.remove()
-            if len(batch.dense_inputs) != len(layers) + 1 or any(r is None for r in records):
-                raise RuntimeError(
-                    f"{type(self.model).__name__}: the forward pass did not call every decoder layer once"
-                )
-            batch.layer_args = records
+            self._record_batch(batch)
             with inference_mode(self.device):
                 sums = self._loss_sums(self._tail(batch.dense_inputs[-1]), batch, dense=True)
             batch.dense_loss_sums = [float(s) for s in sums]
+
+    def _record_batch(self, batch: _Batch) -> None:
+        layers = self.stack.layers
+        records: list[Any] = [None] * len(layers)
+
+        def pre_hook(index: int, args: tuple, kwargs: dict) -> None:
+            if "hidden_states" in kwargs:
+                hidden = kwargs["hidden_states"]
+                records[index] = ((), {k: v for k, v in kwargs.items() if k != "hidden_states"}, True)
+            else:
+                hidden = args[0]
+                records[index] = (args[1:], dict(kwargs), False)
+            batch.dense_inputs.append(hidden.detach())
+
+        def post_hook(module: nn.Module, args: tuple, output: Any) -> None:
+            out = output[0] if isinstance(output, tuple) else output
+            batch.dense_inputs.append(out.detach())
+
+        handles = [
+            layer.register_forward_pre_hook(
+                lambda m, a, k, i=i: pre_hook(i, a, k), with_kwargs=True
+            )
+            for i, layer in enumerate(layers)
+        ]
+        handles.append(layers[-1].register_forward_hook(post_hook))
+        try:
+            with inference_mode(self.device):
+                self.model(input_ids=batch.input_ids.to(self.device), use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        if len(batch.dense_inputs) != len(layers) + 1 or any(r is None for r in records):
+            raise RuntimeError(
+                f"{type(self.model).__name__}: the forward pass did not call every decoder layer once"
+            )
+        batch.layer_args = records
 
     def _verify(self) -> None:
         """Check that replaying layers + tail reproduces the model's own logits (catches odd layouts)."""
@@ -251,7 +253,7 @@ class Fitness(abc.ABC):
                 with inference_mode(self.device):
                     hidden = self._hidden_after_layers(b, batch, bits)
                     sums = self._loss_sums(self._tail(hidden), batch).tolist()
-            for idx, s in zip(batch.indices, sums):
+            for idx, s in zip(batch.indices, sums, strict=True):
                 if not math.isfinite(s):
                     raise NonFiniteLossError(
                         f"loss of mask {list(dropped)} is {s} on calibration sample {idx}"

@@ -107,7 +107,7 @@ class OpenAIChat:
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"LLM endpoint {base_url!r} must start with http:// or https://")
         if timeout <= 0 or retries < 0 or backoff < 0:
-            raise ValueError(f"timeout={timeout} must be > 0, retries={retries} and backoff={backoff} >= 0")
+            raise ValueError(f"LLM timeout {timeout} s must be > 0; retries={retries} and backoff={backoff} must be >= 0")
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.timeout = float(timeout)

@@ -8,6 +8,7 @@ checkpoint (GGUF dequantisation takes ~20 s; the cached folder loads in well und
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -126,9 +127,14 @@ def load_model(
     dev = pick_device(device)
     source, extra, hint = _resolve(str(name_or_path))
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=pick_dtype(dev, dtype), trust_remote_code=trust_remote_code, **extra
-        )
+        if _is_width_pruned(source):  # per-layer MLP widths: plain from_pretrained cannot build it
+            from optuna_prune.width import load_width_pruned
+
+            model = load_width_pruned(source, device=dev, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=pick_dtype(dev, dtype), trust_remote_code=trust_remote_code, **extra
+            )
         tokenizer = AutoTokenizer.from_pretrained(
             source, trust_remote_code=trust_remote_code, gguf_file=extra.get("gguf_file")
         )
@@ -136,6 +142,13 @@ def load_model(
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(".")
         raise ModelNotFoundError(f"cannot load model {str(name_or_path)!r}: {reason}; {hint}") from err
     return model.to(dev).eval(), tokenizer
+
+
+def _is_width_pruned(source: str) -> bool:
+    from optuna_prune.width import SIZES_KEY
+
+    config = Path(source) / "config.json"
+    return config.is_file() and SIZES_KEY in json.loads(config.read_text(encoding="utf-8"))
 
 
 def _resolve(name: str) -> tuple[str, dict[str, Any], str]:

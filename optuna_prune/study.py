@@ -16,6 +16,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ PROBLEM_ATTR = "problem"
 # The parts of a problem a resumed study must share with the one that created it.
 PROBLEM_KEYS = (
     "model", "num_layers", "num_drop", "calibration", "calibration_sha256",
-    "fitness", "objective_mode", "ccds_clusters",
+    "fitness", "objective_mode", "ccds_clusters", "space",
 )
 
 
@@ -98,7 +99,7 @@ def open_storage(url: str | None, heartbeat: int = 20) -> optuna.storages.BaseSt
 
 def problem_of(cfg: SearchConfig, model_id: str, num_layers: int, num_drop: int, calibration: Any) -> dict[str, Any]:
     """What a study is bound to (checked on resume) plus what reproduces it (recorded only)."""
-    return {
+    problem = {
         "model": model_id,
         "num_layers": num_layers,
         "num_drop": num_drop,
@@ -112,6 +113,10 @@ def problem_of(cfg: SearchConfig, model_id: str, num_layers: int, num_drop: int,
         "objective_mode": cfg.objective_mode,
         "seed": cfg.seed,
     }
+    if cfg.space == "rates":  # num_drop counts MLP-width units of 1/rate_resolution over all layers
+        problem.update(space="rates", rate_resolution=cfg.rate_resolution,
+                       sparsity=round(num_drop / (num_layers * cfg.rate_resolution), 4))
+    return problem
 
 
 def default_study_name(problem: dict[str, Any]) -> str:
@@ -119,7 +124,9 @@ def default_study_name(problem: dict[str, Any]) -> str:
     model = Path(str(problem["model"])).name or str(problem["model"])
     calib = Path(str(problem["calibration"])).stem
     ccds = f"-ccds{problem['ccds_clusters']}" if problem["ccds_clusters"] else ""
-    return f"{model}-drop{problem['num_drop']}of{problem['num_layers']}-{calib}{ccds}-{problem['fitness']}"
+    kind = "rates" if problem.get("space") == "rates" else "drop"
+    units = problem["num_layers"] * problem.get("rate_resolution", 1)
+    return f"{model}-{kind}{problem['num_drop']}of{units}-{calib}{ccds}-{problem['fitness']}"
 
 
 def versions() -> dict[str, str]:
@@ -247,9 +254,11 @@ def refuse_concurrent_sqlite(study: optuna.Study) -> None:
     """Raise ConcurrentSQLiteError if another live process runs this SQLite study.
 
     SQLite ignores ``SELECT ... FOR UPDATE``, so two processes can pop the same enqueued trial and
-    evaluate it twice. Another process runs the study if a RUNNING trial has a fresh heartbeat
-    that goes on advancing (a killed process's stops; a gone pid on this host is dead at once).
-    Cheap, not airtight: a process between two trials is not seen.
+    evaluate it twice. A process that is not gone (:func:`_gone`) and was active within the
+    heartbeat grace period (a fresh heartbeat, a trial started or finished) may be running the
+    study; it is if the study still changes a heartbeat interval later (a killed process's
+    trials and heartbeats stand still). Cheap, not airtight: two processes starting together
+    see nothing of each other.
     """
     storage = getattr(study._storage, "_backend", study._storage)  # unwrap optuna's cache
     if not isinstance(storage, RDBStorage) or storage.engine.dialect.name != "sqlite":
@@ -257,21 +266,29 @@ def refuse_concurrent_sqlite(study: optuna.Study) -> None:
     if not is_heartbeat_enabled(storage):
         return
     grace = storage.grace_period or 2 * storage.heartbeat_interval
-    owners = {t.number: t.user_attrs.get("worker") for t in study.get_trials(states=(TrialState.RUNNING,))}
-    before = _running_heartbeats(storage, study._study_id)
-    fresh = [n for n, (_, age) in before.items() if age <= grace and not _gone(owners.get(n))]
-    if not fresh:
+
+    def snapshot() -> tuple[list[optuna.trial.FrozenTrial], dict[int, tuple[Any, float]]]:
+        return storage.get_all_trials(study._study_id), _running_heartbeats(storage, study._study_id)
+
+    def active(t: optuna.trial.FrozenTrial) -> bool:
+        if t.number in beats:
+            return beats[t.number][1] <= grace
+        last = t.datetime_complete or t.datetime_start  # local clock, as optuna writes them
+        return last is not None and (datetime.now() - last).total_seconds() <= grace
+
+    trials, beats = snapshot()
+    suspects = [t for t in trials if active(t) and not _gone(t.user_attrs.get("worker"))]
+    if not suspects:
         return
     time.sleep(storage.heartbeat_interval + 1.5)  # a live process records a newer heartbeat meanwhile
-    after = _running_heartbeats(storage, study._study_id)
-    alive = [n for n, (beat, _) in after.items() if n not in before or beat != before[n][0]]
-    alive += [n for n in fresh if n not in after]  # finished meanwhile
-    if alive:
-        owners.update((t.number, t.user_attrs.get("worker")) for t in study.get_trials(deepcopy=False))
-        worker = next((owners[n] for n in alive if owners.get(n)), "unknown")
+    later, later_beats = snapshot()
+    changed = [t for t in later if t.number >= len(trials) or t.state != trials[t.number].state]
+    if changed or {n: b for n, (b, _) in later_beats.items()} != {n: b for n, (b, _) in beats.items()}:
+        workers = [t.user_attrs.get("worker") for t in changed + suspects if t.user_attrs.get("worker")]
         raise ConcurrentSQLiteError(
-            f"study {study.study_name!r} in SQLite is being run by another process (worker {worker}); "
-            "SQLite is for one process: use postgresql://... or a journal file (.log) for several workers"
+            f"study {study.study_name!r} in SQLite is being run by another process "
+            f"(worker {workers[0] if workers else 'unknown'}); SQLite is for one process: "
+            "use postgresql://... or a journal file (.log) for several workers"
         )
 
 
@@ -366,6 +383,15 @@ class SearchSetup:
     space: LayerMaskSpace
 
 
+def make_space(cfg: SearchConfig, num_layers: int) -> LayerMaskSpace:
+    """The candidates a config searches: exact-k layer masks, or per-layer width rates (a RateSpace)."""
+    if cfg.space == "rates":
+        from optuna_prune.rate_space import RateSpace
+
+        return RateSpace.for_sparsity(num_layers, cfg.sparsity, resolution=cfg.rate_resolution)
+    return LayerMaskSpace(num_layers, resolve_num_drop(num_layers, cfg.sparsity, cfg.drop))
+
+
 def make_sampler(cfg: SearchConfig, space: LayerMaskSpace, n_objectives: int = 1) -> optuna.samplers.BaseSampler:
     """The sampler a config names (search side only: no model needed)."""
     from optuna_prune.samplers import (
@@ -397,6 +423,14 @@ def make_sampler(cfg: SearchConfig, space: LayerMaskSpace, n_objectives: int = 1
         if n_objectives > 1:
             raise ConfigError("SLEB is single-objective; use objective_mode mean or worst")
         return SLEBSampler(space, protect_ends=cfg.protect_ends)
+    if cfg.sampler == "selfpruner":
+        from optuna_prune.llm import make_llm
+        from optuna_prune.samplers import SelfPrunerSampler
+
+        if n_objectives > 1:
+            raise ConfigError("selfpruner shows the LLM one loss per candidate: use objective_mode mean or worst")
+        llm = make_llm(cfg.llm, cfg.llm_model, cfg.llm_timeout, device=cfg.device)
+        return SelfPrunerSampler(space, llm, population_size=cfg.population, seed=cfg.seed)
     if cfg.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=cfg.seed)
     return optuna.samplers.RandomSampler(seed=cfg.seed)  # shortgpt: its one mask is enqueued
@@ -448,9 +482,10 @@ def prepare(cfg: SearchConfig, new_study: bool = False, record_config: bool = Tr
     model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     num_layers = find_layer_stack(model).num_layers
     try:
-        num_drop = resolve_num_drop(num_layers, cfg.sparsity, cfg.drop)
+        space = make_space(cfg, num_layers)
     except SpaceError as exc:
         raise ConfigError(str(exc)) from None
+    num_drop = space.num_drop
     ccds = CCDSConfig(n_clusters=cfg.ccds_clusters) if cfg.ccds_clusters else None
     calibration = build_calibration(
         tokenizer, cfg.calibration, n_samples=cfg.n_samples, seq_len=cfg.seq_len,
@@ -458,7 +493,6 @@ def prepare(cfg: SearchConfig, new_study: bool = False, record_config: bool = Tr
     )
     problem = problem_of(cfg, model_identity(cfg.model), num_layers, num_drop, calibration)
     n_objectives = cfg.ccds_clusters if cfg.objective_mode == "clusters" else 1
-    space = LayerMaskSpace(num_layers, num_drop)
     sampler = make_sampler(cfg, space, n_objectives)
     pruner = make_pruner(cfg, sampler)
     study = open_study(
@@ -469,14 +503,24 @@ def prepare(cfg: SearchConfig, new_study: bool = False, record_config: bool = Tr
         study.set_user_attr("config", cfg.replace(study=study.study_name).to_dict())
     if calibration.clusters is not None:
         study.set_user_attr("ccds", calibration.clusters)
-    fitness = make_fitness(
-        cfg.fitness, model, calibration, batch_size=cfg.batch_size, cache_bytes=cfg.cache_mb << 20
-    )
+    if cfg.space == "rates":
+        from optuna_prune.rate_objective import RateObjective
+        from optuna_prune.width import WidthFitness
+
+        fitness = WidthFitness(model, calibration, cfg.rate_resolution)
+        objective = RateObjective(
+            fitness, space, method=cfg.sampler, cluster_ids=calibration.cluster_ids,
+            mode=cfg.objective_mode, invalid=cfg.invalid_masks,
+        )
+    else:
+        fitness = make_fitness(
+            cfg.fitness, model, calibration, batch_size=cfg.batch_size, cache_bytes=cfg.cache_mb << 20
+        )
     if cfg.sampler == "darwin":
         from optuna_prune.darwin import make_darwin_objective
 
         objective = make_darwin_objective(cfg, fitness, space, tokenizer)
-    else:
+    elif cfg.space == "layers":
         objective = MaskObjective(
             fitness, space, method=cfg.sampler, cluster_ids=calibration.cluster_ids,
             mode=cfg.objective_mode, invalid=cfg.invalid_masks,
@@ -532,16 +576,33 @@ def run_search(
     if max_trials is not None:
         remaining = max_trials if remaining is None else min(remaining, max_trials)
     if (remaining is None or remaining > 0) and (budget is None or budget.has_room(study)):
-        study.optimize(
-            setup.objective if budget is None else budget.guard(setup.objective),
-            n_trials=remaining,
-            timeout=cfg.timeout,
-            catch=(*setup.catch, BudgetReached),
-            callbacks=[budget] if budget is not None else None,
-            show_progress_bar=progress,
-        )
+        try:
+            study.optimize(
+                setup.objective if budget is None else budget.guard(setup.objective),
+                n_trials=remaining,
+                timeout=cfg.timeout,
+                catch=(*setup.catch, BudgetReached),
+                callbacks=[budget] if budget is not None else None,
+                show_progress_bar=progress,
+            )
+        except KeyboardInterrupt:
+            fail_own_running_trials(study)
+            raise
     summarise(study)
     return study
+
+
+def fail_own_running_trials(study: optuna.Study) -> None:
+    """FAIL this process's RUNNING trials after Ctrl-C.
+
+    Optuna fails the trial whose objective was interrupted, but Ctrl-C between two of its storage
+    calls leaves the trial RUNNING, and other workers would wait for it until its heartbeat is stale.
+    """
+    from optuna_prune.objective import WORKER
+
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.user_attrs.get("worker") == WORKER:
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
 
 
 def config_of(study: optuna.Study) -> SearchConfig:

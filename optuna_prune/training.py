@@ -221,16 +221,21 @@ class MaskTraining(contextlib.AbstractContextManager):
     optimiser state carries over, as in DarwinLM's stages); on exit everything is undone.
 
     On exit the mask is lifted, gradients, ``requires_grad`` flags and train/eval mode are reset,
-    LoRA adapters are removed, and, given a ``restore`` snapshot, the kept layers get their
-    snapshot values back. Without ``restore`` the training is kept (LoRA merged into the weights):
-    that is post-compression training, whose model is then saved.
+    and the training is undone: LoRA adapters are removed, or the kept layers get their
+    ``restore`` snapshot values back. With ``keep`` the training stays instead (LoRA merged into
+    the weights): that is post-compression training, whose model is then saved.
+
+    Full fine-tuning updates the weights in their own dtype: train fp32 weights (CUDA autocast
+    still computes in bf16); bf16 weights lose small updates, use LoRA for those.
 
     Args:
         model: The model, unmasked; it is masked for the duration.
         dropped: Layers the candidate drops.
         data: Training windows (and dense targets for "kl"), consumed in order by :meth:`train`.
         settings: Loss, optimiser, LoRA.
-        restore: Snapshot to restore the trained layers from on exit; None keeps the training.
+        restore: Snapshot to restore the trained layers from on exit (needed to undo a full
+            fine-tune; one snapshot, taken before any training, serves every candidate).
+        keep: Keep the training on exit instead of undoing it.
     """
 
     def __init__(
@@ -240,7 +245,10 @@ class MaskTraining(contextlib.AbstractContextManager):
         data: TokenData,
         settings: TrainSettings,
         restore: ParamSnapshot | None = None,
+        keep: bool = False,
     ) -> None:
+        if not keep and not settings.lora and restore is None:
+            raise ValueError("undoing a full fine-tune needs a ParamSnapshot (restore=...), or pass keep=True")
         if settings.loss == "kl" and data.dense_hidden is None and len(data):
             raise ValueError("kl training needs the dense targets: build data with token_data(..., 'kl')")
         self.model = model
@@ -248,6 +256,7 @@ class MaskTraining(contextlib.AbstractContextManager):
         self.data = data
         self.settings = settings
         self._restore = restore
+        self._keep = keep
         self._stack = find_layer_stack(model)
         self._kept = [i for i in range(self._stack.num_layers) if i not in set(self.dropped)]
         self._tail = lm_tail(model)
@@ -272,10 +281,11 @@ class MaskTraining(contextlib.AbstractContextManager):
                 stack.callback(self._remove_lora)
                 params = self._add_lora()
             else:
-                if self._restore is not None:
+                if not self._keep:
+                    assert self._restore is not None
                     stack.callback(self._restore.restore, self._kept)
                 params = self._kept_params()
-            for p in self.model.parameters():
+            for p in flags:  # every parameter, the dropped layers' too
                 p.requires_grad_(False)
             for p in params:
                 p.requires_grad_(True)
@@ -323,7 +333,7 @@ class MaskTraining(contextlib.AbstractContextManager):
     def _remove_lora(self) -> None:
         if self._lora is None:
             return
-        if self._restore is None:
+        if self._keep:
             self._lora.merge_and_unload()
         else:
             self._lora.unload()

@@ -35,6 +35,7 @@ class ToyLoss:
         n_samples: int = 4,
         pair_scale: float = 0.15,
         spread: float = 1.0,
+        jitter: float | None = None,
         seed: int = 0,
     ) -> None:
         # spread > 1 makes a few layers far costlier than the rest, as in real LLMs: offspring
@@ -45,6 +46,11 @@ class ToyLoss:
         self.pair = np.triu(
             rng.uniform(0.0, pair_scale, size=(n_samples, num_layers, num_layers)), 1
         )
+        if jitter is not None:
+            # One cost per layer, varied by +-jitter per sample: as in real LLMs, a mask that is
+            # bad on one calibration sample is bad on the others (what multi-fidelity relies on).
+            base = rng.uniform(0.1, 1.0, size=num_layers) ** spread
+            self.cost = base * rng.uniform(1 - jitter, 1 + jitter, size=(n_samples, num_layers))
 
     def per_sample(self, dropped: Iterable[int]) -> list[float]:
         idx = sorted(dropped)

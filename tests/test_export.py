@@ -38,9 +38,9 @@ def test_choose_trial_takes_only_complete_exact_k_masks(recorded_study):
     assert choose_trial(recorded_study, 1).user_attrs["dropped"] == [3, 6]
     with pytest.raises(TrialChoiceError, match="no trial 42"):
         choose_trial(recorded_study, 42)
-    with pytest.raises(TrialChoiceError, match="trial 0 .* PRUNED, drops 1 of the study's 2"):
+    with pytest.raises(TrialChoiceError, match=r"trial 0 .*\(PRUNED, drops 1 of the study's 2"):
         choose_trial(recorded_study, 0)  # SLEB's partial step
-    with pytest.raises(TrialChoiceError, match="trial 4 .* FAIL"):
+    with pytest.raises(TrialChoiceError, match=r"trial 4 .*\(FAIL\)"):
         choose_trial(recorded_study, 4)
 
 
@@ -59,4 +59,4 @@ def test_cli_export_and_its_one_line_errors(recorded_study, tmp_path, capsys):
     for flags in (["--trial", "9"], ["--trial", "0"]):
         assert main(["export", "recorded", "--storage", storage, *flags, "--out", str(tmp_path / "y")]) == 2
         err = capsys.readouterr().err
-        assert err.startswith("optuna-prune: error: trial") and err.count("\n") == 1
+        assert err.startswith("optuna-prune: error: ") and "trial" in err and err.count("\n") == 1

@@ -205,7 +205,7 @@ def test_evop_prunes_within_generations_by_the_rule_and_generations_stay_full() 
         assert t.state == TrialState.PRUNED and t.user_attrs["stopped_early"]
         assert trial_loss(t) == (t.intermediate_values[step], False)
     # The first min_peers members of generation 0 have nobody to be judged against.
-    assert not set(gens[0][:3]) & set(outranked)
+    assert not {t.number for t in gens[0][:3]} & {t.number for t in outranked}
     # Parents are the best COMPLETE trials of (parents + generation); PRUNED ones never enter.
     for g in range(1, 8):
         chosen = [by_id[i] for i in attrs[f"{PARENT_PREFIX}{g}"]]
@@ -217,13 +217,13 @@ def test_evop_prunes_within_generations_by_the_rule_and_generations_stay_full() 
 
 def test_multifidelity_spends_fewer_samples_and_still_finds_the_optimum() -> None:
     space = LayerMaskSpace(14, 5)
-    toy = ToyLoss(14, seed=4, n_samples=8)
+    toy = ToyLoss(14, seed=4, n_samples=8, jitter=0.3)
     optimum, _ = toy.optimum(space)
     study = _study(space, population_size=12, seed=0)
     study.optimize(make_objective(space, toy, stages=STAGES), n_trials=300)
     assert study.best_value == pytest.approx(optimum)
     scored = sum(t.user_attrs["samples_scored"] for t in study.trials)
-    assert scored < 0.6 * 8 * len(study.trials)
+    assert scored < 0.5 * 8 * len(study.trials)
 
 
 def test_two_samplers_alternating_on_a_journal_prune_like_one(tmp_path: Path) -> None:
@@ -263,3 +263,56 @@ def test_levelswitch_rounds_keep_the_parent_with_staged_selection() -> None:
     by_id = {t._trial_id: t for t in study.trials}
     values = [by_id[attrs[f"{prefix}{r}"][0]].value for r in range(1, 15)]
     assert values == sorted(values, reverse=True)  # the parent never gets worse
+
+
+# --- configuration and a real (tiny) model --------------------------------------------------------
+
+
+def test_cli_flags_and_toml_give_the_schedule(tmp_path: Path) -> None:
+    from optuna_prune.cli import build_parser, search_config
+    from optuna_prune.config import load_config
+
+    args = build_parser().parse_args(
+        ["search", "--sparsity", "0.2", "--n-samples", "8", "--fidelity", "1,2,4", "--fidelity-keep", "0.25"]
+    )
+    cfg = search_config(args)
+    assert cfg.fidelity == [1, 2, 4] and cfg.fidelity_keep == 0.25
+    args = build_parser().parse_args(["search", "--sparsity", "0.2", "--fidelity", "none"])
+    assert search_config(args).fidelity == []
+    path = tmp_path / "c.toml"
+    path.write_text("sparsity = 0.2\nn_samples = 8\nfidelity = [1, 2]\n")
+    assert load_config(path).fidelity == [1, 2]
+    path.write_text("sparsity = 0.2\nfidelity = [1.5]\n")
+    with pytest.raises(ConfigError, match="fidelity"):
+        load_config(path)
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("sampler", ["evop", "levelswitch"])
+def test_run_search_scores_in_stages(tiny_checkpoint: Path, tmp_path: Path, sampler: str) -> None:
+    from optuna_prune.study import run_search
+
+    cfg = SearchConfig(
+        model=str(tiny_checkpoint), drop=3, sampler=sampler, calibration="pydoc", n_samples=4,
+        seq_len=32, population=6, n_trials=16, seed=0, storage=f"sqlite:///{tmp_path / 's.db'}",
+        study="tiny", heartbeat=1, fidelity=[1, 2],
+    )
+    study = run_search(cfg, progress=False)
+    trials = study.get_trials(deepcopy=False)
+    assert len(trials) == 16 and study.user_attrs["config"]["fidelity"] == [1, 2]
+    assert isinstance(study.pruner, GenerationHalvingPruner)
+    tokens = 31  # per sample: seq_len - 1 predicted tokens
+    for t in trials:
+        per_sample = t.user_attrs["per_sample"]
+        steps = sorted(t.intermediate_values)
+        assert steps == [tokens * n for n in (1, 2, 4)[: len(steps)]]
+        assert t.intermediate_values[steps[-1]] == pytest.approx(sum(per_sample) / len(per_sample), abs=1e-5)
+        if t.state == TrialState.COMPLETE:
+            assert steps[-1] == 4 * tokens and t.value == pytest.approx(t.intermediate_values[steps[-1]])
+        else:
+            assert t.state == TrialState.PRUNED and t.user_attrs["stopped_early"]
+            assert len(per_sample) < 4
+    assert any(t.state == TrialState.PRUNED for t in trials)
+    assert study.user_attrs["best_by_method"][sampler]["value"] == min(
+        t.value for t in trials if t.state == TrialState.COMPLETE
+    )

@@ -176,32 +176,6 @@ def test_dashboard_api_lists_study_with_layer_params(tiny_checkpoint, tmp_path):
         server.shutdown()
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--drop", "8"], "drop"),
-        (["--sparsity", "1.5"], "sparsity"),
-        (["--sparsity", "0.2", "--drop", "1"], "exactly one"),
-        (["--drop", "1", "--storage", "notaurl://x:y@/"], "storage"),
-        (["--drop", "1", "--model", "./no/such/model"], "no/such/model"),
-        (["--drop", "1", "--calibration", "/no/such.txt"], "such.txt"),
-        (["--drop", "1", "--sampler", "annealing"], "sampler"),
-    ],
-)
-def test_bad_input_gives_one_line_error(tiny_checkpoint, tmp_path, capsys, args, message):
-    base = ["search", "--model", str(tiny_checkpoint), "--calibration", "pydoc", "--n-samples", "1",
-            "--seq-len", "16", "--storage", f"sqlite:///{tmp_path / 's.db'}", "--no-progress"]
-    code = main(base + args)
-    err = capsys.readouterr().err.strip()
-    assert code == 2
-    assert len(err.splitlines()) == 1 and err.startswith("optuna-prune: error:") and message in err
-    assert "Traceback" not in err
-    # No half-written study: a bad input never leaves a study behind.
-    assert not (tmp_path / "s.db").exists() or not optuna.get_all_study_summaries(
-        open_storage(f"sqlite:///{tmp_path / 's.db'}")
-    )
-
-
 def test_storage_errors_are_clear():
     with pytest.raises(StorageError, match="malformed"):
         open_storage("::not a url::")

@@ -1,4 +1,4 @@
-"""Samplers that propose which layers to drop: EvoP, EvoPress level switch, SLEB, random, exhaustive.
+"""Samplers that propose which layers to drop: EvoP, EvoPress level switch, Self-Pruner, SLEB, random, exhaustive.
 
 All of them subclass :class:`MaskSampler`, propose exact-k masks of a
 :class:`~optuna_prune.space.LayerMaskSpace` as ``layer_xx`` params, and keep their state in the
@@ -10,9 +10,11 @@ from optuna_prune.samplers.evop import ORIGIN_KEY, PARENTS_KEY, EvoPSampler
 from optuna_prune.samplers.exhaustive import ExhaustiveMaskSampler
 from optuna_prune.samplers.levelswitch import LevelSwitchSampler
 from optuna_prune.samplers.random_mask import RandomMaskSampler
+from optuna_prune.samplers.selfpruner import LLM_KEY, SelfPrunerSampler, llm_stats
 from optuna_prune.samplers.sleb import STEP_KEY, SLEBError, SLEBSampler, sleb_result
 
 __all__ = [
+    "LLM_KEY",
     "MASK_KEY",
     "ORIGIN_KEY",
     "PARENTS_KEY",
@@ -25,6 +27,8 @@ __all__ = [
     "RandomMaskSampler",
     "SLEBError",
     "SLEBSampler",
+    "SelfPrunerSampler",
+    "llm_stats",
     "sleb_result",
     "trial_loss",
     "trial_mask",

@@ -313,7 +313,9 @@ class EvoPSampler(MaskSampler, BaseGASampler):
         key = self._parent_key(generation)
         if key not in study_attrs:
             previous = members[generation - 1]
-            running = tuple(t.number for t in previous if not t.state.is_finished())
+            # Only RUNNING members are waited for: a queued retry of a killed worker's trial is run
+            # by whichever worker asks next, maybe the one waiting here, so waiting for it deadlocks.
+            running = tuple(t.number for t in previous if t.state == TrialState.RUNNING)
             if running:
                 return Wait(running)
             grand = self._parents(study, generation - 1, members, trials, study_attrs)

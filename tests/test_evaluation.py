@@ -1,0 +1,94 @@
+"""Evaluation compares the dense model with chosen trials, stores results in the study and reuses them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import optuna_prune.downstream
+import optuna_prune.perplexity
+import optuna_prune.speed
+from optuna_prune.cli import main
+from optuna_prune.evaluation import EvalSettings, evaluate_study
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SMALL = EvalSettings(seq_len=16, max_windows=2, max_chars=4000, prompt_tokens=8, new_tokens=3, repeats=1)
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Count the calls of the expensive measurements (they still run)."""
+    calls = {"perplexity": 0, "downstream": 0, "speed": 0}
+
+    def wrap(module, name, key):
+        real = getattr(module, name)
+
+        def counting(*args, **kwargs):
+            calls[key] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counting)
+
+    wrap(optuna_prune.perplexity, "perplexity", "perplexity")
+    wrap(optuna_prune.downstream, "downstream", "downstream")
+    wrap(optuna_prune.speed, "compare_speed", "speed")
+    wrap(optuna_prune.speed, "measure_speed", "speed")
+    return calls
+
+
+@pytest.mark.skipif(not (DATA / "eval").is_dir(), reason=f"offline data not found at {DATA}")
+def test_best_trial_against_dense_stored_in_the_study_and_json(recorded_study, tmp_path):
+    out = tmp_path / "results.json"
+    result = evaluate_study(recorded_study, datasets=["pydoc"], tasks=["arc_easy"], limit=2, data_dir=DATA,
+                            settings=SMALL, out_json=out)
+    evaluations = result["evaluations"]
+    assert list(evaluations) == ["dense", "trial-2"]
+    dense, best = evaluations["dense"], evaluations["trial-2"]
+    assert best["label"] == "evop (trial 2)" and best["method"] == "evop" and best["dropped"] == [1, 3]
+    assert dense["dropped"] == [] and dense["trial"] is None
+    for entry in (dense, best):
+        assert entry["perplexity"]["pydoc"] > 1
+        assert entry["downstream"]["arc_easy"]["limit"] == 2 and 0 <= entry["downstream"]["arc_easy"]["acc"] <= 1
+        assert entry["speed"]["prefill_ms"] > 0 and entry["speed"]["device"].startswith("cpu")
+    assert dense["speed"]["decode_speedup"] == 1.0 and best["speed"]["decode_speedup"] > 0
+    assert recorded_study.user_attrs["evaluations"] == evaluations
+    assert json.loads(out.read_text())["evaluations"] == evaluations
+
+
+def test_stored_parts_are_reused_and_new_settings_recomputed(recorded_study, counted):
+    options = dict(datasets=["pydoc"], tasks=[], settings=SMALL)
+    first = evaluate_study(recorded_study, trial=1, **options)
+    assert counted == {"perplexity": 2, "downstream": 0, "speed": 1}  # dense + trial 1, one side-by-side timing
+    again = evaluate_study(recorded_study, trial="best", **options)  # trial 2: only its own numbers are new
+    assert counted == {"perplexity": 3, "downstream": 0, "speed": 2}
+    assert again["evaluations"]["dense"] == first["evaluations"]["dense"]
+    evaluate_study(recorded_study, trial=1, **options)
+    assert counted == {"perplexity": 3, "downstream": 0, "speed": 2}  # all stored
+    longer = EvalSettings(**{**SMALL.__dict__, "max_windows": 3})
+    evaluate_study(recorded_study, trial=1, datasets=["pydoc"], tasks=[], settings=longer, speed=False)
+    assert counted == {"perplexity": 5, "downstream": 0, "speed": 2}
+    stored = recorded_study.user_attrs["evaluations"]
+    assert set(stored) == {"dense", "trial-1", "trial-2"}
+    assert stored["trial-1"]["settings"]["perplexity"]["max_windows"] == 3
+    evaluate_study(recorded_study, trial=1, datasets=["pydoc"], tasks=[], settings=longer, speed=False,
+                   recompute=True)
+    assert counted == {"perplexity": 7, "downstream": 0, "speed": 2}
+    assert set(recorded_study.user_attrs["evaluations"]) == {"dense", "trial-1", "trial-2"}
+
+
+def test_cli_per_method_table_and_errors(recorded_study, tmp_path, capsys):
+    storage = recorded_study.user_attrs["config"]["storage"]
+    args = ["evaluate", "recorded", "--storage", storage, "--datasets", "pydoc", "--tasks", "", "--no-speed",
+            "--seq-len", "16", "--max-windows", "2", "--max-chars", "4000"]
+    out = tmp_path / "per-method.json"
+    assert main([*args, "--per-method", "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    for row in ("dense", "evop (trial 2)", "sleb (trial 1)", "ppl pydoc"):
+        assert row in table, row
+    assert set(json.loads(out.read_text())["evaluations"]) == {"dense", "trial-1", "trial-2"}
+    assert main([*args, "--trial", "0"]) == 2  # SLEB's partial step
+    err = capsys.readouterr().err
+    assert err.startswith("optuna-prune: error: trial 0") and err.count("\n") == 1
