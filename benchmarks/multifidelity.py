@@ -35,7 +35,7 @@ from optuna_prune.fitness import Fitness, PerplexityFitness, SampleLoss
 from optuna_prune.layers import find_layer_stack
 from optuna_prune.models import load_model
 from optuna_prune.objective import MaskObjective
-from optuna_prune.pruners import GenerationHalvingPruner
+from optuna_prune.pruners import GenerationHalvingPruner, default_stages
 from optuna_prune.samplers import EvoPSampler, LevelSwitchSampler
 from optuna_prune.space import LayerMaskSpace, resolve_num_drop
 
@@ -152,7 +152,7 @@ def main() -> None:
     )
     fitness = SampleCache(model, calibration, Path(args.cache))
     num_layers = fitness.num_layers
-    stages = tuple(2**i for i in range(int(math.log2(args.n_samples)))) or (1,)
+    stages = default_stages(args.n_samples)
     variants = {
         "evop": (lambda s: (EvoPSampler(space, population_size=args.population, seed=s), None), ()),
         "evop+mf": (lambda s: _with_pruner(EvoPSampler(space, population_size=args.population, seed=s)), stages),

@@ -49,7 +49,9 @@ class SearchConfig:
     storage: str | None = None
     study: str | None = None
     population: int | None = None
-    fidelity: list[int] = field(default_factory=list)
+    # Multi-fidelity selection (evop, levelswitch): calibration samples after which a candidate is ranked in
+    # its generation; None: doubling counts below n_samples (pruners.default_stages), [] ("none"): off.
+    fidelity: list[int] | None = None
     fidelity_keep: float = 0.5
     # darwin (training-aware selection): training tokens per stage, candidates entering each stage
     # (one more entry, ending at 1), the fine-tune's loss, learning rate and LoRA rank (0: full).
@@ -110,6 +112,8 @@ class SearchConfig:
             raise ConfigError(f"population {self.population} must be >= 2")
         if self.fidelity:
             self._validate_fidelity()
+        if not 0 < self.fidelity_keep <= 1:
+            raise ConfigError(f"fidelity_keep {self.fidelity_keep} must be a fraction in (0, 1], e.g. 0.5")
         if self.sampler == "darwin":
             self._validate_darwin()
         if self.sampler == "selfpruner" or self.space != "layers":
@@ -136,6 +140,17 @@ class SearchConfig:
         if self.rate_resolution < 2:
             raise ConfigError(f"rate_resolution {self.rate_resolution} must be >= 2 (rates in steps of 1/N)")
 
+    def fidelity_stages(self) -> tuple[int, ...]:
+        """The multi-fidelity stages this search uses: ``fidelity``, or by default doubling counts
+        (evop and levelswitch with one mean-loss objective; measured in benchmarks/multifidelity.py)."""
+        from optuna_prune.pruners import default_stages
+
+        if self.fidelity is not None:
+            return tuple(self.fidelity)
+        if self.sampler in ("evop", "levelswitch") and self.objective_mode == "mean":
+            return default_stages(self.n_samples)
+        return ()
+
     def _validate_fidelity(self) -> None:
         from optuna_prune.pruners import check_stages
 
@@ -148,8 +163,6 @@ class SearchConfig:
                 f"fidelity stages rank running mean losses; objective_mode {self.objective_mode!r} "
                 "needs fidelity = \"none\""
             )
-        if not 0 < self.fidelity_keep <= 1:
-            raise ConfigError(f"fidelity_keep {self.fidelity_keep} must be a fraction in (0, 1], e.g. 0.5")
 
     def _validate_darwin(self) -> None:
         from optuna_prune.darwin import stage_schedule

@@ -57,6 +57,11 @@ class StagedScore(Generic[S]):
     stopped: str | None
 
 
+def default_stages(n_samples: int) -> tuple[int, ...]:
+    """Doubling sample counts below ``n_samples``: (1, 2) for 4 samples, (1, 2, 4) for 5 to 8."""
+    return tuple(2**i for i in range(max(0, n_samples - 1).bit_length()))
+
+
 def check_stages(stages: Sequence[int], n_samples: int) -> tuple[int, ...]:
     """A valid stage schedule: increasing sample counts in 1..n_samples-1 (the last stage is all)."""
     out = tuple(int(s) for s in stages)

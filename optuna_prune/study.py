@@ -437,7 +437,7 @@ def make_sampler(cfg: SearchConfig, space: LayerMaskSpace, n_objectives: int = 1
 
 
 def make_pruner(cfg: SearchConfig, sampler: optuna.samplers.BaseSampler) -> optuna.pruners.BasePruner | None:
-    """Multi-fidelity selection within generations when ``cfg.fidelity`` has stages, else None.
+    """Multi-fidelity selection within generations when ``cfg.fidelity_stages()`` has stages, else None.
 
     Only the GA samplers (evop, levelswitch) have generations to rank a candidate in; the other
     methods score every candidate on all samples.
@@ -448,7 +448,7 @@ def make_pruner(cfg: SearchConfig, sampler: optuna.samplers.BaseSampler) -> optu
 
     if isinstance(sampler, DarwinSampler):  # its stages are training stages, its survivors the keep
         return sampler.pruner()
-    if not cfg.fidelity or not isinstance(sampler, EvoPSampler):
+    if not cfg.fidelity_stages() or not isinstance(sampler, EvoPSampler):
         return None
     return GenerationHalvingPruner(sampler, keep=cfg.fidelity_keep)
 
@@ -524,7 +524,7 @@ def prepare(cfg: SearchConfig, new_study: bool = False, record_config: bool = Tr
         objective = MaskObjective(
             fitness, space, method=cfg.sampler, cluster_ids=calibration.cluster_ids,
             mode=cfg.objective_mode, invalid=cfg.invalid_masks,
-            stages=cfg.fidelity if pruner is not None else (),
+            stages=cfg.fidelity_stages() if pruner is not None else (),
         )
     budget = default_budget(cfg, sampler)
 

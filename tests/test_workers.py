@@ -142,14 +142,14 @@ def check_evolution(study: optuna.Study, budget: int, killed: tuple[int, ...] = 
 
 @pytest.mark.postgres
 def test_three_workers_share_one_evolution_and_budget(tiny_checkpoint, pg_url):
-    create(tiny_checkpoint, pg_url, n_trials=24)
+    create(tiny_checkpoint, pg_url, n_trials=18)
     study = load(pg_url)
     assert study.user_attrs["config"]["model"] == str(tiny_checkpoint.resolve())
     assert not study.trials  # create runs nothing
     procs = [start_worker(pg_url) for _ in range(3)]
     wait_all(procs)
     study = load(pg_url)
-    check_evolution(study, budget=24)
+    check_evolution(study, budget=18)
     workers = Counter(t.user_attrs["worker"] for t in finished(study))
     races = len(study.get_trials(states=(TrialState.FAIL,)))
     print(f"trials per worker: {sorted(workers.values())}; budget races settled as FAIL: {races}")
@@ -226,19 +226,19 @@ def _kill_mid_trial(storage: str, proc: subprocess.Popen) -> tuple[int, float]:
 
 @pytest.mark.postgres
 def test_restarted_workers_continue_the_evolution(tiny_checkpoint, pg_url):
-    create(tiny_checkpoint, pg_url, n_trials=20)
-    first = [start_worker(pg_url, "--n-trials", "5") for _ in range(2)]
+    create(tiny_checkpoint, pg_url, n_trials=16)
+    first = [start_worker(pg_url, "--n-trials", "4") for _ in range(2)]
     wait_all(first)
     study = load(pg_url)
     per_worker = Counter(t.user_attrs["worker"] for t in study.trials)
-    assert all(n <= 5 for n in per_worker.values())  # --n-trials caps each worker
+    assert all(n <= 4 for n in per_worker.values())  # --n-trials caps each worker
     stopped = {t.number for t in finished(study)}
     last_generation = max(t.system_attrs[GENERATION] for t in finished(study))
-    assert 5 <= len(stopped) <= 10 and last_generation >= 1
+    assert 4 <= len(stopped) <= 8 and last_generation >= 1
 
     wait_all([start_worker(pg_url) for _ in range(2)])  # a full stop, then all workers again
     study = load(pg_url)
-    check_evolution(study, budget=20)
+    check_evolution(study, budget=16)
     new = [t for t in finished(study) if t.number not in stopped]
     assert min(t.system_attrs[GENERATION] for t in new) >= last_generation  # continued, not restarted
     assert max(t.system_attrs[GENERATION] for t in new) > last_generation
@@ -275,7 +275,9 @@ def test_sqlite_refuses_a_second_process_and_ctrl_c_ends_a_worker(tiny_checkpoin
         first.kill()
         first.wait()
     study = load(storage)
-    assert not study.get_trials(states=(TrialState.RUNNING,))  # an interrupted trial is FAIL
+    # The interrupted candidate is FAIL. (Ctrl-C in the instant between optuna creating a trial and
+    # the sampler seeing it leaves an empty RUNNING trial: no mask, ignored by samplers and budget.)
+    assert not [t for t in study.get_trials(states=(TrialState.RUNNING,)) if t.params or t.system_attrs]
     # The interrupted process is gone: a new worker is not refused and resumes the study.
     done = len(finished(study))
     run_worker(storage, "tiny", n_trials=2)
