@@ -16,6 +16,10 @@ pieces, used by the objective (staged scoring) and the study (the pruner):
 The intermediate value of a staged trial is a running mean over the samples scored so far, an
 estimate of the full loss, not a bound: a PRUNED trial's loss is inexact (``trial_loss`` gives
 ``exact=False``) and the GA samplers rank every PRUNED member after every COMPLETE one.
+
+Default schedule (:func:`default_stages`): rank after 1, 2, 4, ... samples, keep the better half
+each time. On SmolLM2-135M (C4, 4 x 256 tokens) EvoP found clearly better masks with it than
+without at the same number of tokens scored (``benchmarks/multifidelity.py``).
 """
 
 from __future__ import annotations

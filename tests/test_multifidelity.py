@@ -15,7 +15,12 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from optuna_prune.config import ConfigError, SearchConfig
-from optuna_prune.pruners import GenerationHalvingPruner, check_stages, score_in_stages
+from optuna_prune.pruners import (
+    GenerationHalvingPruner,
+    check_stages,
+    default_stages,
+    score_in_stages,
+)
 from optuna_prune.samplers import EvoPSampler, LevelSwitchSampler, trial_loss, trial_mask
 from optuna_prune.space import LayerMaskSpace
 
@@ -92,7 +97,16 @@ def test_staged_scoring_stops_exactly_at_stop_above() -> None:
     assert score.stopped is None
 
 
-def test_stage_schedules_are_checked() -> None:
+def test_stage_schedules_are_checked_and_default_to_doubling() -> None:
+    assert [default_stages(n) for n in (1, 2, 4, 5, 8, 9)] == [
+        (), (1,), (1, 2), (1, 2, 4), (1, 2, 4), (1, 2, 4, 8),
+    ]
+    assert SearchConfig(sparsity=0.2).fidelity_stages() == (1, 2, 4)  # 5 samples
+    assert SearchConfig(sparsity=0.2, n_samples=4, sampler="levelswitch").fidelity_stages() == (1, 2)
+    assert SearchConfig(sparsity=0.2, fidelity=[]).fidelity_stages() == ()  # "none"
+    assert SearchConfig(sparsity=0.2, sampler="random").fidelity_stages() == ()
+    worst = SearchConfig(sparsity=0.2, n_samples=4, ccds_clusters=2, objective_mode="worst")
+    assert worst.fidelity_stages() == ()
     assert check_stages([1, 2, 4], 8) == (1, 2, 4)
     for bad in ([2, 1], [0, 1], [1, 1], [8]):
         with pytest.raises(ValueError):
