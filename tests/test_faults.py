@@ -185,14 +185,15 @@ def test_nan_candidates_fail_with_reason_and_are_never_parents(overflow_checkpoi
 
 def test_out_of_memory_candidate_fails_and_the_search_goes_on(tiny_checkpoint, tmp_path, monkeypatch):
     bad = (0, 1, 2)
-    evaluate = PerplexityFitness.evaluate
+    iter_samples = PerplexityFitness.iter_samples
 
-    def evaluate_or_oom(self, dropped, stop_above=None):  # noqa: ANN001, ANN202
+    def samples_or_oom(self, dropped):  # noqa: ANN001, ANN202
+        # iter_samples is the one path every scoring mode takes (plain, early-stopped, staged).
         if tuple(dropped) == bad:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return evaluate(self, dropped, stop_above=stop_above)
+        yield from iter_samples(self, dropped)
 
-    monkeypatch.setattr(PerplexityFitness, "evaluate", evaluate_or_oom)
+    monkeypatch.setattr(PerplexityFitness, "iter_samples", samples_or_oom)
     study = run_with_enqueued(search_config(tiny_checkpoint, tmp_path), bad)
     failed = assert_failures_isolated(study, "OutOfMemoryError: CUDA out of memory")
     assert failed[0].number == 0 and all(t.user_attrs["dropped"] == list(bad) for t in failed)

@@ -1,0 +1,204 @@
+"""Search quality at equal wall time: which method finds the best mask fastest, on the real SmolLM2-135M.
+
+For each sparsity and seed, SLEB greedy runs first (C4 calibration windows, perplexity fitness); the
+time its search took becomes every other method's time budget (``timeout``): EvoP scoring every
+candidate on all samples, EvoP with multi-fidelity selection (the default), the EvoPress-style
+level-switch sampler (also multi-fidelity), random exact-k search, and ShortGPT (one evaluation).
+Every method runs through ``run_search`` in a study of its own, exactly as a user would run it, with
+the same calibration set (the seed picks the windows, so SLEB reruns per seed). All methods share
+one fitness, perplexity, so calibration losses are on one axis (levelswitch's usual KL fitness
+would not be comparable).
+
+Per method it reports: best calibration perplexity, held-out WikiText-2 and C4 perplexity of the
+best mask (``--windows`` windows of 512 tokens from the first 300,000 characters, the shared data
+README's convention), evaluations and layer forwards used, wall time, and the time from the start
+of the run until its best-so-far loss first reached SLEB's final loss, also as a ratio to SLEB's own
+time (below 1: faster than SLEB). Run it on an idle machine: the clock is the budget.
+
+Usage:
+    python benchmarks/search_quality.py --sparsities 0.2 0.3 0.4 --seeds 0 1
+Prints a markdown table; writes JSON and a plotly figure (best-so-far perplexity against time) to
+``--out`` (default ``runs/search_quality.json`` and ``.html``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import optuna
+import plotly.graph_objects as go
+from optuna.trial import TrialState
+from plotly.subplots import make_subplots
+
+from optuna_prune.config import SearchConfig
+from optuna_prune.figures import method_color
+from optuna_prune.models import load_model
+from optuna_prune.perplexity import cross_domain
+from optuna_prune.study import best_by_method, run_search
+
+ROOT = Path(__file__).resolve().parents[1]
+# label -> (sampler, config changes); "evop" scores every candidate on all samples.
+METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "sleb": ("sleb", {}),
+    "shortgpt": ("shortgpt", {}),
+    "evop": ("evop", {"fidelity": []}),
+    "evop+mf": ("evop", {}),
+    "levelswitch": ("levelswitch", {}),
+    "random": ("random", {}),
+}
+
+
+def run_method(base: SearchConfig, label: str, timeout: float | None) -> dict[str, Any]:
+    """Run one method in its own study; its trajectory of best-so-far loss against seconds since start."""
+    sampler, changes = METHODS[label]
+    budgeted = timeout is not None
+    cfg = base.replace(
+        sampler=sampler, study=f"{base.study}-{label}", timeout=timeout,
+        n_trials=10**6 if budgeted else None, **changes,
+    )
+    started = {"wall": datetime.now(), "clock": time.perf_counter()}
+    search_start: dict[str, float] = {}
+    study = run_search(cfg, progress=False, on_study=lambda s: search_start.setdefault("t", time.perf_counter()))
+    seconds = time.perf_counter() - started["clock"]
+    best = best_by_method(study)[sampler]
+    done = sorted(
+        (t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))),
+        key=lambda t: t.datetime_complete,
+    )
+    curve, best_so_far = [], math.inf
+    for t in done:
+        if t.value < best_so_far:
+            best_so_far = t.value
+            curve.append(((t.datetime_complete - started["wall"]).total_seconds(), t.value))
+    forwards = sum(t.user_attrs.get("layer_forwards", 0) for t in study.get_trials(deepcopy=False))
+    return {
+        "method": label, "dropped": best["dropped"], "loss": best["value"],
+        "calibration_ppl": math.exp(best["value"]), "evaluations": best["evaluations"],
+        "layer_forwards": forwards, "seconds": seconds,
+        "search_seconds": time.perf_counter() - search_start["t"], "curve": curve,
+    }
+
+
+def time_to_reach(curve: list[tuple[float, float]], target: float) -> float | None:
+    """Seconds until the best-so-far loss was first at or below ``target`` (None: never)."""
+    return next((t for t, v in curve if v <= target + 1e-9), None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.2, 0.3, 0.4])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--n-samples", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--windows", type=int, default=16, help="held-out windows of 512 tokens per dataset")
+    parser.add_argument("--storage", default="sqlite:///runs/search_quality.db")
+    parser.add_argument("--out", default="runs/search_quality.json")
+    args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if args.methods[0] != "sleb":
+        parser.error("--methods must start with sleb: its search time is everyone's budget")
+
+    model, tokenizer = load_model("smollm2-135m", device="cpu")
+    held_out_cache: dict[tuple[int, ...], dict[str, float]] = {}
+
+    def held_out(masks: dict[str, tuple[int, ...]]) -> None:
+        todo = {str(m): m for m in masks.values() if m not in held_out_cache}
+        if todo:
+            table = cross_domain(model, tokenizer, todo, datasets=("wikitext2", "c4"), data_dir=args.data_dir,
+                                 seq_len=512, max_windows=args.windows, max_chars=300_000)
+            held_out_cache.update({m: table[str(m)] for m in todo.values()})
+
+    held_out({"dense": ()})
+    rows: list[dict[str, Any]] = []
+    for sparsity in args.sparsities:
+        for seed in args.seeds:
+            base = SearchConfig(
+                model="smollm2-135m", sparsity=sparsity, calibration="c4", data_dir=args.data_dir,
+                n_samples=args.n_samples, seq_len=args.seq_len, seed=seed, storage=args.storage,
+                study=f"sq-{sparsity}-seed{seed}-{datetime.now():%m%d%H%M%S}",
+            )
+            results = [run_method(base, "sleb", None)]
+            budget = results[0]["search_seconds"]
+            for label in args.methods[1:]:
+                results.append(run_method(base, label, None if label == "shortgpt" else budget))
+                print(f"{sparsity:.0%} seed {seed} {label}: ppl {results[-1]['calibration_ppl']:.2f} "
+                      f"in {results[-1]['seconds']:.0f} s", flush=True)
+            held_out({r["method"]: tuple(r["dropped"]) for r in results})
+            target, sleb_time = results[0]["loss"], time_to_reach(results[0]["curve"], results[0]["loss"])
+            for r in results:
+                reach = time_to_reach(r["curve"], target)
+                rows.append({
+                    "sparsity": sparsity, "seed": seed, **r, "reach_sleb_seconds": reach,
+                    "reach_ratio": None if reach is None else reach / sleb_time,
+                    **{f"{d}_ppl": v for d, v in held_out_cache[tuple(r["dropped"])].items()},
+                })
+
+    dense = held_out_cache[()]
+    table = render_table(rows, args.methods, dense)
+    print(table)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"dense": dense, "rows": rows, "table": table}, indent=2))
+    figure(rows, args.sparsities).write_html(out.with_suffix(".html"), include_plotlyjs=True)
+    print(f"wrote {out} and {out.with_suffix('.html')}")
+
+
+def render_table(rows: list[dict[str, Any]], methods: list[str], dense: dict[str, float]) -> str:
+    """One line per sparsity and method: means over seeds; reach counts the seeds that got there."""
+    lines = [
+        f"dense: WikiText-2 {dense['wikitext2']:.2f}, C4 {dense['c4']:.2f}",
+        "",
+        "| sparsity | method | calibration ppl | WikiText-2 ppl | C4 ppl | evaluations | layer forwards | "
+        "wall time (s) | reached SLEB's loss | time to reach (s) | ratio to SLEB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for sparsity in dict.fromkeys(r["sparsity"] for r in rows):
+        for method in methods:
+            group = [r for r in rows if r["sparsity"] == sparsity and r["method"] == method]
+            reached = [r for r in group if r["reach_sleb_seconds"] is not None]
+
+            def mean(key: str, of: list[dict[str, Any]] = group) -> float:
+                return statistics.fmean(r[key] for r in of)
+
+            reach = f"{mean('reach_sleb_seconds', reached):.0f}" if reached else "-"
+            ratio = f"{mean('reach_ratio', reached):.2f}" if reached else "-"
+            lines.append(
+                f"| {sparsity:.0%} | {method} | {mean('calibration_ppl'):.2f} | {mean('wikitext2_ppl'):.2f} | "
+                f"{mean('c4_ppl'):.2f} | {mean('evaluations'):.0f} | {mean('layer_forwards'):.0f} | "
+                f"{mean('seconds'):.0f} | {len(reached)}/{len(group)} | {reach} | {ratio} |"
+            )
+    return "\n".join(lines)
+
+
+def figure(rows: list[dict[str, Any]], sparsities: list[float]) -> go.Figure:
+    """Best-so-far calibration perplexity against wall time, one panel per sparsity, a line per run."""
+    fig = make_subplots(rows=1, cols=len(sparsities), subplot_titles=[f"{s:.0%} sparsity" for s in sparsities])
+    shown: set[str] = set()
+    for col, sparsity in enumerate(sparsities, start=1):
+        for r in (r for r in rows if r["sparsity"] == sparsity and r["curve"]):
+            xs, ys = zip(*r["curve"], strict=True)
+            fig.add_trace(go.Scatter(
+                x=[*xs, r["seconds"]], y=[math.exp(y) for y in (*ys, ys[-1])], mode="lines+markers",
+                line_shape="hv", name=r["method"], legendgroup=r["method"], showlegend=r["method"] not in shown,
+                line={"color": method_color(r["method"].split("+")[0])},
+                line_dash="dot" if r["method"].endswith("+mf") else "solid",
+                hovertext=f"seed {r['seed']}",
+            ), row=1, col=col)
+            shown.add(r["method"])
+        fig.update_xaxes(title_text="wall time (s)", row=1, col=col)
+        fig.update_yaxes(title_text="best calibration perplexity", type="log", row=1, col=col)
+    fig.update_layout(title="Search quality at equal wall time (SmolLM2-135M)", template="plotly_white")
+    return fig
+
+
+if __name__ == "__main__":
+    main()
