@@ -3,7 +3,9 @@
 For each sparsity and seed, SLEB greedy runs first (C4 calibration windows, perplexity fitness); the
 time its search took becomes every other method's time budget (``timeout``): EvoP scoring every
 candidate on all samples, EvoP with multi-fidelity selection (the default), the EvoPress-style
-level-switch sampler (also multi-fidelity), random exact-k search, and ShortGPT (one evaluation).
+level-switch sampler (also multi-fidelity), random exact-k search, and ShortGPT (one evaluation);
+``--methods`` adds ``evop+mf+seed`` and ``levelswitch+seed``, whose generation 0 holds ShortGPT's mask
+(free: block influence comes from the dense pass the fitness makes anyway).
 Every method runs through ``run_search`` in a study of its own, exactly as a user would run it, with
 the same calibration set (the seed picks the windows, so SLEB reruns per seed). All methods share
 one fitness, perplexity, so calibration losses are on one axis (levelswitch's usual KL fitness
@@ -44,7 +46,8 @@ from optuna_prune.perplexity import cross_domain
 from optuna_prune.study import best_by_method, run_search
 
 ROOT = Path(__file__).resolve().parents[1]
-# label -> (sampler, config changes); "evop" scores every candidate on all samples.
+# label -> (sampler, config changes); "evop" scores every candidate on all samples, "+mf" (the default)
+# ranks candidates in stages and stops the losers.
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "sleb": ("sleb", {}),
     "shortgpt": ("shortgpt", {}),
@@ -52,6 +55,9 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "evop+mf": ("evop", {}),
     "levelswitch": ("levelswitch", {}),
     "random": ("random", {}),
+    # ShortGPT's mask comes free with the dense pass: as a seed in generation 0 (--seed-with shortgpt).
+    "evop+mf+seed": ("evop", {"seed_with": ["shortgpt"]}),
+    "levelswitch+seed": ("levelswitch", {"seed_with": ["shortgpt"]}),
 }
 
 
@@ -96,7 +102,8 @@ def main() -> None:
     parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.2, 0.3, 0.4])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=["sleb", "shortgpt", "evop", "evop+mf", "levelswitch", "random"],
+                        choices=list(METHODS))
     parser.add_argument("--n-samples", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--windows", type=int, default=16, help="held-out windows of 512 tokens per dataset")
@@ -190,7 +197,7 @@ def figure(rows: list[dict[str, Any]], sparsities: list[float]) -> go.Figure:
                 x=[*xs, r["seconds"]], y=[math.exp(y) for y in (*ys, ys[-1])], mode="lines+markers",
                 line_shape="hv", name=r["method"], legendgroup=r["method"], showlegend=r["method"] not in shown,
                 line={"color": method_color(r["method"].split("+")[0])},
-                line_dash="dot" if r["method"].endswith("+mf") else "solid",
+                line_dash="dot" if "+" in r["method"] else "solid",
                 hovertext=f"seed {r['seed']}",
             ), row=1, col=col)
             shown.add(r["method"])

@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
-import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -364,17 +362,9 @@ COMMANDS = {"search": cmd_search, "create": cmd_create, "worker": cmd_worker, "s
             "dashboard": cmd_dashboard}
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
-    # Schedulers (Slurm, Kubernetes, systemd) stop a worker with SIGTERM: treat it as Ctrl-C, so the
-    # running trial is failed at once instead of waiting out its heartbeat grace period.
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main else None
     try:
         args = parser.parse_args(argv)
         _quiet_libraries()
@@ -393,9 +383,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         prefix = "error" if known else f"internal error ({type(exc).__name__}; --debug shows the traceback)"
         print(f"optuna-prune: {prefix}: {message}", file=sys.stderr)
         return EXIT_USAGE if known else 1
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
     return 0
 
 
