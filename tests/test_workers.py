@@ -53,8 +53,9 @@ def _admin():  # noqa: ANN202
 
 @pytest.fixture(scope="module")
 def deep_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
-    """The tiny Llama with 24 layers: 2,024 masks of 3, so a worker signalled seconds after it starts
-    is still running (the 56 masks of 3 in 8 can all be scored before the signal is sent)."""
+    """The tiny Llama with 24 layers: 2,024 masks of 3 and slower trials, so a worker that a test
+    signals seconds after it starts is still running (the tiny model's 56 masks of 3 in 8 can all
+    be scored before the signal is sent)."""
     import torch
     import transformers as tf
 
@@ -179,8 +180,9 @@ def test_three_workers_share_one_evolution_and_budget(tiny_checkpoint, pg_url):
 
 
 @pytest.mark.postgres
-def test_sigkilled_worker_trial_is_retried_by_another(tiny_checkpoint, pg_url):
-    create(tiny_checkpoint, pg_url, 16, 1)
+def test_sigkilled_worker_trial_is_retried_by_another(deep_checkpoint, pg_url):
+    # 24 layers: slow enough that the victim is caught mid-trial before the two workers finish.
+    create(deep_checkpoint, pg_url, 32, 1)
     victim, survivor = start_worker(pg_url), start_worker(pg_url)
     try:
         killed, frozen_at = _kill_mid_trial(pg_url, victim)
@@ -213,7 +215,7 @@ def test_sigkilled_worker_trial_is_retried_by_another(tiny_checkpoint, pg_url):
     assert retry.user_attrs["worker"] == worker_id(survivor)
     after = {t.number: t.value for t in finished(study)}
     assert {n: after[n] for n in before} == before  # nothing stored was lost or recomputed
-    check_evolution(study, budget=16, killed=(killed,))
+    check_evolution(study, budget=32, killed=(killed,))
 
 
 def _kill_mid_trial(storage: str, proc: subprocess.Popen) -> tuple[int, float]:
