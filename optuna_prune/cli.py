@@ -369,14 +369,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         _quiet_libraries()
         COMMANDS[args.command](args)
-    except KeyboardInterrupt:
-        print("optuna-prune: interrupted; finished trials are stored, re-run the same command to resume",
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
-    except Exception as exc:
-        if debug:
+    except BaseException as exc:
+        from optuna_prune.study import interrupted
+
+        if interrupted(exc):  # Ctrl-C, or an error optuna raised while Ctrl-C unwound it
+            print("optuna-prune: interrupted; finished trials are stored, re-run the same command to resume",
+                  file=sys.stderr)
+            return EXIT_INTERRUPTED
+        if debug or not isinstance(exc, Exception):
             raise
         known = isinstance(exc, _user_errors())
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -585,11 +585,22 @@ def run_search(
                 callbacks=[budget] if budget is not None else None,
                 show_progress_bar=progress,
             )
-        except KeyboardInterrupt:
-            fail_own_running_trials(study)
+        except BaseException as exc:
+            if interrupted(exc):
+                fail_own_running_trials(study)
             raise
     summarise(study)
     return study
+
+
+def interrupted(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is Ctrl-C, or an error raised while Ctrl-C unwound optuna (whose cleanup can
+    fail on an interrupted storage call, e.g. an UnboundLocalError in ``_run_trial``)."""
+    while exc is not None:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        exc = exc.__context__
+    return False
 
 
 def fail_own_running_trials(study: optuna.Study) -> None:
