@@ -289,17 +289,25 @@ class Fitness(abc.ABC):
         return result
 
 
+def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Per-token NLL ``[B, T - 1]`` of next-token predictions, in fp32.
+
+    Computed on rows of ``[tokens, vocab]``: 3-5x faster on CPU than cross-entropy over the
+    class-dim-1 layout of a transposed ``[B, vocab, T]`` tensor.
+    """
+    shifted = logits[:, :-1].float()
+    targets = input_ids[:, 1:]
+    nll = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), reduction="none")
+    return nll.view(targets.shape)
+
+
 class PerplexityFitness(Fitness):
     """Mean next-token negative log-likelihood (log-perplexity) on the calibration samples (EvoP, SLEB)."""
 
     name = "perplexity"
 
     def _loss_sums(self, logits: torch.Tensor, batch: _Batch, dense: bool = False) -> torch.Tensor:
-        targets = batch.input_ids[:, 1:].to(logits.device)
-        shifted = logits[:, :-1].float()
-        # Rows of [tokens, vocab]: 3-5x faster on CPU than the class-dim-1 layout of a transpose.
-        nll = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), reduction="none")
-        return nll.view(targets.shape).sum(dim=1)
+        return next_token_nll(logits, batch.input_ids.to(logits.device)).sum(dim=1)
 
 
 class KLFitness(Fitness):

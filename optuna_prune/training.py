@@ -33,7 +33,7 @@ from torch import nn
 from optuna_prune.calibration import CHARS_PER_TOKEN, CalibrationError, load_texts, tokenize
 from optuna_prune.config import ConfigError
 from optuna_prune.devices import inference_mode, pick_dtype
-from optuna_prune.fitness import NonFiniteLossError
+from optuna_prune.fitness import NonFiniteLossError, next_token_nll
 from optuna_prune.layers import find_layer_stack, lm_tail, masked
 
 TRAIN_LOSSES = ("kl", "lm")
@@ -180,10 +180,9 @@ def token_losses(
     dense_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-token loss ``[B, T - 1]`` of next-token predictions: NLL ("lm") or KL(dense || model)."""
-    logits = logits[:, :-1].float()
     if loss == "lm":
-        targets = input_ids[:, 1:]  # rows of [tokens, vocab]: faster on CPU than a transpose
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none").view(targets.shape)
+        return next_token_nll(logits, input_ids)
+    logits = logits[:, :-1].float()
     if dense_logits is None:
         raise ValueError("the kl loss needs the dense model's logits")
     logq = torch.log_softmax(logits, dim=-1)

@@ -290,30 +290,22 @@ def test_sqlite_refuses_a_second_process_and_ctrl_c_ends_a_worker(deep_checkpoin
         assert worker_id(first) in str(info.value) and "postgresql://" in str(info.value)
         assert not load(storage).get_trials(states=(TrialState.WAITING,))  # nothing left behind
 
-        _interrupt(first, signal.SIGINT)  # Ctrl-C
+        # Ctrl-C: the worker stops cleanly, its running trial FAIL, one line, exit code 130.
+        assert first.poll() is None, "the worker finished before it could be interrupted"
+        first.send_signal(signal.SIGINT)
+        code, err = first.wait(timeout=60), first.stderr.read().strip().splitlines()
+        assert code == 130 and len(err) == 1 and "interrupted" in err[0], (code, err)
     finally:
         first.kill()
         first.wait()
     study = load(storage)
-    assert not _running_candidates(study)
+    # The interrupted candidate is FAIL. (Ctrl-C in the instant between optuna creating a trial and
+    # the sampler seeing it leaves an empty RUNNING trial: no mask, ignored by samplers and budget.)
+    assert not [t for t in study.get_trials(states=(TrialState.RUNNING,)) if t.params or t.system_attrs]
     # The interrupted process is gone: a new worker is not refused and resumes the study.
     done = len(finished(study))
     run_worker(storage, "tiny", n_trials=2)
     assert len(finished(load(storage))) == done + 2
-
-
-def _interrupt(proc: subprocess.Popen, signum: int) -> None:
-    """The worker stops cleanly on ``signum``: one line on stderr, exit code 130."""
-    assert proc.poll() is None, "the worker finished before it could be interrupted"
-    proc.send_signal(signum)
-    code, err = proc.wait(timeout=60), proc.stderr.read().strip().splitlines()
-    assert code == 130 and len(err) == 1 and "interrupted" in err[0], (code, err)
-
-
-def _running_candidates(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """RUNNING trials that hold a mask. (An interrupt in the instant between optuna creating a trial
-    and the sampler seeing it leaves an empty RUNNING trial: no mask, ignored by samplers and budget.)"""
-    return [t for t in study.get_trials(states=(TrialState.RUNNING,)) if t.params or t.system_attrs]
 
 
 def _wait_running(storage: str, proc: subprocess.Popen) -> None:
