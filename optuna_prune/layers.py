@@ -265,12 +265,51 @@ def _model_card(source: str, total: int, dropped: tuple[int, ...], extra: dict[s
     return "\n".join(lines)
 
 
-def lm_tail(model: PreTrainedModel) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Map the hidden state after the last decoder layer to logits, as the model's own forward does.
+@dataclass(frozen=True)
+class LMTail:
+    """The hidden state after the last decoder layer -> logits, as the model's own forward does.
 
     Lets a fitness run the layers itself (e.g. cache the prefix shared by many masks) and still get the
     exact logits: final norm, OPT's `project_out` if any, `lm_head`, then Gemma-style logit softcapping.
+    Split in two so the logits of a few vocabulary rows cost a few rows of the head (``logits(rows=)``).
     """
+
+    norm: nn.Module | None
+    project_out: nn.Module | None
+    head: nn.Module
+    cap: float | None
+
+    def features(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What ``lm_head`` reads: the final norm (and projection) of ``hidden``."""
+        if self.norm is not None:  # OPT variants without a final norm keep the attribute as None
+            hidden = self.norm(hidden)
+        if self.project_out is not None:
+            hidden = self.project_out(hidden)
+        return hidden
+
+    @property
+    def linear(self) -> bool:
+        """Whether the head is a plain weight (+ bias) whose rows can be taken on their own."""
+        weight = getattr(self.head, "weight", None)
+        return isinstance(self.head, nn.Linear) or (isinstance(weight, torch.Tensor) and weight.dim() == 2)
+
+    def logits(self, features: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of every vocabulary entry, or only of ``rows`` (needs a :attr:`linear` head)."""
+        if rows is None:
+            logits = self.head(features)
+        else:
+            bias = getattr(self.head, "bias", None)
+            logits = nn.functional.linear(features, self.head.weight[rows], None if bias is None else bias[rows])
+        if self.cap is not None:
+            logits = torch.tanh(logits / self.cap) * self.cap
+        return logits
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.features(hidden))
+
+
+def lm_tail(model: PreTrainedModel) -> LMTail:
+    """The model's own map from the last decoder layer's output to logits (see :class:`LMTail`)."""
     base = find_layer_stack(model).parent
     norm = next(
         (found for n in _FINAL_NORMS if (found := getattr(base, n, _MISSING)) is not _MISSING), _MISSING
@@ -283,17 +322,6 @@ def lm_tail(model: PreTrainedModel) -> Callable[[torch.Tensor], torch.Tensor]:
     head = model.get_output_embeddings()
     if head is None:
         raise UnsupportedModelError(f"{type(model).__name__} has no output embeddings (lm_head)")
-    project_out = getattr(base, "project_out", None)
-    cap = getattr(_decoder_config(model), "final_logit_softcapping", None)
-
-    def tail(hidden: torch.Tensor) -> torch.Tensor:
-        if norm is not None:  # OPT variants without a final norm keep the attribute as None
-            hidden = norm(hidden)
-        if project_out is not None:
-            hidden = project_out(hidden)
-        logits = head(hidden)
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
-
-    return tail
+    return LMTail(
+        norm, getattr(base, "project_out", None), head, getattr(_decoder_config(model), "final_logit_softcapping", None)
+    )

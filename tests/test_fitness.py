@@ -79,6 +79,35 @@ def test_early_stop_is_exact(tiny_model):
             assert result.complete
 
 
+def test_vocabulary_bound_stops_exactly_for_every_arch(tiny_model, arch):
+    """The lower bound from a few head rows never stops a candidate that could still win (Gemma's
+    softcap and OPT's project_out included), and a hopeless one stops without a full head."""
+    model = tiny_model(arch, num_layers=6)
+    calib = random_calibration(n=3)
+    plain = PerplexityFitness(model, calib, bound_fraction=0)
+    exact = {m: plain.evaluate(m).value for m in MASKS[1:]}
+    fitness, other = (PerplexityFitness(model, calib, bound_fraction=1 / 8) for _ in range(2))
+    heads = []
+    model.get_output_embeddings().register_forward_hook(lambda *_: heads.append(1))
+    for mask, value in exact.items():
+        below = fitness.evaluate(mask, stop_above=value * 0.999)  # cannot make it: may stop
+        if below.complete:
+            assert below.value == pytest.approx(value, rel=1e-5), mask
+        else:  # a lower bound above the threshold
+            assert value * 0.999 < below.value <= value + 1e-6, (mask, below.value, value)
+        above = other.evaluate(mask, stop_above=value * 1.001)  # can make it: must be exact
+        assert above.complete and above.value == pytest.approx(value, rel=1e-5), mask
+    fresh = PerplexityFitness(model, calib, bound_fraction=1 / 8)
+    heads.clear()
+    hopeless = fresh.evaluate((0, 5), stop_above=exact[(0, 5)] / 4)
+    assert not hopeless.complete and hopeless.samples == () and heads == []
+
+
+def test_bound_fraction_is_checked(tiny_model):
+    with pytest.raises(ValueError, match="bound_fraction"):
+        PerplexityFitness(tiny_model("llama"), random_calibration(), bound_fraction=2)
+
+
 def test_per_sample_results_stream_in_order(tiny_model):
     fitness = PerplexityFitness(tiny_model("llama"), random_calibration(n=3))
     seen = [s.index for s in fitness.iter_samples((2,))]

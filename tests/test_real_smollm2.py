@@ -57,3 +57,18 @@ def test_sleb_first_choice_matches_the_reference(smollm2):
     for t in study.trials:
         if t.user_attrs.get("stopped_early"):
             assert t.intermediate_values[max(t.intermediate_values)] > best
+
+
+def test_vocabulary_bound_is_tight_on_real_weights(smollm2):
+    """1/16 of the head's rows bound a real mask's loss within a few percent, so a candidate 5% worse
+    than what it must beat stops before any full LM head; a candidate that can win is exact."""
+    model, tokenizer = smollm2
+    calibration = build_calibration(tokenizer, "c4", n_samples=4, seq_len=256, seed=0, data_dir=DATA)
+    fitness = PerplexityFitness(model, calibration)
+    mask = (12, 13, 14, 15, 16, 17)
+    exact = PerplexityFitness(model, calibration, bound_fraction=0).evaluate(mask).value
+    doomed = fitness.evaluate(mask, stop_above=exact / 1.05)
+    assert not doomed.complete and doomed.samples == ()
+    assert exact / 1.05 < doomed.value <= exact
+    fresh = PerplexityFitness(model, calibration)
+    assert fresh.evaluate(mask, stop_above=exact * 1.001).value == pytest.approx(exact, rel=1e-6)
