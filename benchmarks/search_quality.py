@@ -5,7 +5,9 @@ time its search took becomes every other method's time budget (``timeout``): Evo
 candidate on all samples, EvoP with multi-fidelity selection (the default), the EvoPress-style
 level-switch sampler (also multi-fidelity), random exact-k search, and ShortGPT (one evaluation);
 ``--methods`` adds ``evop+mf+seed`` and ``levelswitch+seed``, whose generation 0 holds ShortGPT's mask
-(free: block influence comes from the dense pass the fitness makes anyway).
+(free: block influence comes from the dense pass the fitness makes anyway), ``sleb+mf`` (SLEB whose
+candidates are ranked within their greedy step after 1 and 2 samples, only the best scored on all),
+and ``sleb+mf>levelswitch`` (that, then level-switch search from its mask for the rest of the budget).
 Every method runs through ``run_search`` in a study of its own, exactly as a user would run it, with
 the same calibration set (the seed picks the windows, so SLEB reruns per seed). All methods share
 one fitness, perplexity, so calibration losses are on one axis (levelswitch's usual KL fitness
@@ -43,37 +45,46 @@ from optuna_prune.config import SearchConfig
 from optuna_prune.figures import method_color
 from optuna_prune.models import load_model
 from optuna_prune.perplexity import cross_domain
+from optuna_prune.samplers import sleb_result
 from optuna_prune.study import best_by_method, run_search
 
 ROOT = Path(__file__).resolve().parents[1]
-# label -> (sampler, config changes); "evop" scores every candidate on all samples, "+mf" (the default)
-# ranks candidates in stages and stops the losers.
-METHODS: dict[str, tuple[str, dict[str, Any]]] = {
-    "sleb": ("sleb", {}),
-    "shortgpt": ("shortgpt", {}),
-    "evop": ("evop", {"fidelity": []}),
-    "evop+mf": ("evop", {}),
-    "levelswitch": ("levelswitch", {}),
-    "random": ("random", {}),
+# label -> phases (sampler, config changes), run one after another in one study within the budget;
+# "evop" scores every candidate on all samples, "+mf" (the default for evop and levelswitch) ranks
+# candidates in stages and stops the losers.
+METHODS: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "sleb": [("sleb", {})],
+    "shortgpt": [("shortgpt", {})],
+    "evop": [("evop", {"fidelity": []})],
+    "evop+mf": [("evop", {})],
+    "levelswitch": [("levelswitch", {})],
+    "random": [("random", {})],
     # ShortGPT's mask comes free with the dense pass: as a seed in generation 0 (--seed-with shortgpt).
-    "evop+mf+seed": ("evop", {"seed_with": ["shortgpt"]}),
-    "levelswitch+seed": ("levelswitch", {"seed_with": ["shortgpt"]}),
+    "evop+mf+seed": [("evop", {"seed_with": ["shortgpt"]})],
+    "levelswitch+seed": [("levelswitch", {"seed_with": ["shortgpt"]})],
+    "sleb+mf": [("sleb", {"fidelity": [1, 2]})],
+    "sleb+mf>levelswitch": [("sleb", {"fidelity": [1, 2]}), ("levelswitch", {"seed_with": ["sleb"]})],
 }
 
 
 def run_method(base: SearchConfig, label: str, timeout: float | None) -> dict[str, Any]:
     """Run one method in its own study; its trajectory of best-so-far loss against seconds since start."""
-    sampler, changes = METHODS[label]
-    budgeted = timeout is not None
-    cfg = base.replace(
-        sampler=sampler, study=f"{base.study}-{label}", timeout=timeout,
-        n_trials=10**6 if budgeted else None, **changes,
-    )
     started = {"wall": datetime.now(), "clock": time.perf_counter()}
     search_start: dict[str, float] = {}
-    study = run_search(cfg, progress=False, on_study=lambda s: search_start.setdefault("t", time.perf_counter()))
+    study: optuna.Study | None = None
+    for sampler, changes in METHODS[label]:
+        left = None if timeout is None else timeout - (time.perf_counter() - search_start.get("t", started["clock"]))
+        unseeded = "sleb" in changes.get("seed_with", ()) and (study is None or sleb_result(study) is None)
+        if (left is not None and left <= 0) or unseeded:
+            break  # out of time, or the SLEB phase did not finish
+        cfg = base.replace(
+            sampler=sampler, study=f"{base.study}-{label}", timeout=left,
+            n_trials=10**6 if left is not None else None, **changes,
+        )
+        study = run_search(cfg, progress=False, on_study=lambda s: search_start.setdefault("t", time.perf_counter()))
     seconds = time.perf_counter() - started["clock"]
-    best = best_by_method(study)[sampler]
+    best = min(best_by_method(study).values(), key=lambda entry: entry["value"])
+    best["evaluations"] = len(study.get_trials(deepcopy=False))
     done = sorted(
         (t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))),
         key=lambda t: t.datetime_complete,

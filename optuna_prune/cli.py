@@ -55,9 +55,9 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", help="sqlite:///file.db (default optuna_prune.db), postgresql://..., or a .log journal")
     p.add_argument("--study", help="study name (default: derived from model, k and calibration)")
     p.add_argument("--population", type=int, help="EvoP population size (levelswitch: offspring per round)")
-    p.add_argument("--fidelity", help="multi-fidelity selection (evop, levelswitch): comma list of calibration "
-                   "sample counts after which a candidate is ranked in its generation, e.g. 1,2; none: off "
-                   "(default: doubling counts below --n-samples)")
+    p.add_argument("--fidelity", help="multi-fidelity selection (evop, levelswitch, sleb): comma list of "
+                   "calibration sample counts after which a candidate is ranked in its generation (sleb: its "
+                   "greedy step), e.g. 1,2; none: off (default: doubling counts below --n-samples; sleb: off)")
     p.add_argument("--fidelity-keep", type=float, help="fraction of a generation kept at each fidelity stage (0.5)")
     p.add_argument("--train-tokens", help="darwin: comma list of training tokens per stage, e.g. 10000,50000,100000,200000")
     p.add_argument("--survivors", help="darwin: candidates entering each stage, then 1, e.g. 16,8,4,2,1")

@@ -49,8 +49,9 @@ class SearchConfig:
     storage: str | None = None
     study: str | None = None
     population: int | None = None
-    # Multi-fidelity selection (evop, levelswitch): calibration samples after which a candidate is ranked in
-    # its generation; None: doubling counts below n_samples (pruners.default_stages), [] ("none"): off.
+    # Multi-fidelity selection (evop, levelswitch; sleb when set): calibration samples after which a candidate
+    # is ranked in its generation (SLEB: its greedy step); None: doubling counts below n_samples for evop and
+    # levelswitch (pruners.default_stages), off for sleb; [] ("none"): off.
     fidelity: list[int] | None = None
     fidelity_keep: float = 0.5
     # darwin (training-aware selection): training tokens per stage, candidates entering each stage

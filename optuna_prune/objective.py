@@ -64,7 +64,7 @@ class MaskObjective:
         trial.set_user_attr("n_dropped", len(dropped))
 
         stop_above = system_attrs.get(STOP_ABOVE_KEY)
-        staged = bool(self.stages) and not partial
+        staged = bool(self.stages)
         start = time.perf_counter()
         try:
             if staged:

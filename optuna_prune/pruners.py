@@ -9,9 +9,9 @@ pieces, used by the objective (staged scoring) and the study (the pruner):
   ``step`` = tokens scored so far, and asks the pruner whether to go on. It also stops exactly
   once the candidate cannot beat the sampler's ``STOP_ABOVE_KEY`` threshold.
 * :class:`GenerationHalvingPruner` is successive halving within one generation of a GA sampler
-  (an EvoP generation, a level-switch round): at each stage a candidate goes on only if its
-  running mean ranks in the best ``keep`` fraction of the generation's members (and the
-  generation's parents) that reached the same step.
+  (an EvoP generation, a level-switch round) or one step of SLEB's greedy search: at each stage a
+  candidate goes on only if its running mean ranks in the best ``keep`` fraction of the
+  generation's members (and the generation's parents) that reached the same step.
 
 The intermediate value of a staged trial is a running mean over the samples scored so far, an
 estimate of the full loss, not a bound: a PRUNED trial's loss is inexact (``trial_loss`` gives
@@ -36,6 +36,7 @@ from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from optuna_prune.samplers.evop import EvoPSampler
+from optuna_prune.samplers.sleb import SLEBSampler
 
 
 class SampleScore(Protocol):
@@ -127,8 +128,9 @@ class GenerationHalvingPruner(BasePruner):
     Everything is read from storage, so several workers prune consistently.
 
     Args:
-        sampler: The GA sampler (class or instance) whose generation system attr groups trials,
-            e.g. :class:`EvoPSampler` (``"EvoPSampler:generation"``) or the level-switch sampler.
+        sampler: The sampler (class or instance) whose generation system attr groups trials,
+            e.g. :class:`EvoPSampler` (``"EvoPSampler:generation"``), the level-switch sampler,
+            or :class:`~optuna_prune.samplers.SLEBSampler` (a greedy step; it has no parents).
         keep: Fraction kept at each stage (one value for all, or one per stage; the last one
             repeats). 0.5 halves the survivors at every stage.
         min_peers: Other trials that must have reached a step before any trial is pruned there.
@@ -139,7 +141,7 @@ class GenerationHalvingPruner(BasePruner):
 
     def __init__(
         self,
-        sampler: BaseGASampler | type[BaseGASampler] = EvoPSampler,
+        sampler: BaseGASampler | type[BaseGASampler] | type[SLEBSampler] | SLEBSampler = EvoPSampler,
         *,
         keep: float | Sequence[float] = 0.5,
         min_peers: int = 3,
@@ -151,7 +153,7 @@ class GenerationHalvingPruner(BasePruner):
         if isinstance(min_peers, bool) or not isinstance(min_peers, int) or min_peers < 0:
             raise ValueError(f"min_peers={min_peers!r} must be an integer >= 0")
         self._generation_key = sampler._get_generation_key()
-        self._parent_prefix = sampler._get_parent_cache_key_prefix()
+        self._parent_prefix = sampler._get_parent_cache_key_prefix() if with_parents else ""
         self._keep = fractions
         self._min_peers = min_peers
         self._with_parents = with_parents

@@ -439,18 +439,19 @@ def make_sampler(cfg: SearchConfig, space: LayerMaskSpace, n_objectives: int = 1
 def make_pruner(cfg: SearchConfig, sampler: optuna.samplers.BaseSampler) -> optuna.pruners.BasePruner | None:
     """Multi-fidelity selection within generations when ``cfg.fidelity_stages()`` has stages, else None.
 
-    Only the GA samplers (evop, levelswitch) have generations to rank a candidate in; the other
+    The GA samplers (evop, levelswitch) rank a candidate in its generation, SLEB in its greedy step
+    (only with explicit ``fidelity``: by default SLEB scores every candidate exactly); the other
     methods score every candidate on all samples.
     """
     from optuna_prune.pruners import GenerationHalvingPruner
-    from optuna_prune.samplers import EvoPSampler
+    from optuna_prune.samplers import EvoPSampler, SLEBSampler
     from optuna_prune.samplers.darwin import DarwinSampler
 
     if isinstance(sampler, DarwinSampler):  # its stages are training stages, its survivors the keep
         return sampler.pruner()
-    if not cfg.fidelity_stages() or not isinstance(sampler, EvoPSampler):
+    if not cfg.fidelity_stages() or not isinstance(sampler, (EvoPSampler, SLEBSampler)):
         return None
-    return GenerationHalvingPruner(sampler, keep=cfg.fidelity_keep)
+    return GenerationHalvingPruner(sampler, keep=cfg.fidelity_keep, with_parents=not isinstance(sampler, SLEBSampler))
 
 
 def default_budget(cfg: SearchConfig, sampler: optuna.samplers.BaseSampler) -> MethodBudget | None:

@@ -330,3 +330,45 @@ def test_run_search_scores_in_stages(tiny_checkpoint: Path, tmp_path: Path, samp
     assert study.user_attrs["best_by_method"][sampler]["value"] == min(
         t.value for t in trials if t.state == TrialState.COMPLETE
     )
+
+
+def test_sleb_with_fidelity_ranks_candidates_within_their_step(tiny_model) -> None:
+    """SLEB + stages: a greedy step is a generation; losers stop after a few samples, and every
+    step still picks its best fully scored candidate."""
+    import torch
+
+    from optuna_prune.calibration import CalibrationSet
+    from optuna_prune.fitness import PerplexityFitness
+    from optuna_prune.objective import MaskObjective
+    from optuna_prune.samplers import SLEBSampler, sleb_result
+    from optuna_prune.samplers.sleb import STEP_KEY
+
+    model = tiny_model("llama", num_layers=10)
+    ids = torch.randint(3, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    calibration = CalibrationSet(input_ids=ids, source="random", seed=0, sha256="test")
+    space = LayerMaskSpace(10, 3)
+
+    def run(stages: tuple[int, ...]) -> tuple[optuna.Study, PerplexityFitness]:
+        sampler = SLEBSampler(space)
+        pruner = GenerationHalvingPruner(sampler, with_parents=False, min_peers=2) if stages else None
+        study = optuna.create_study(sampler=sampler, pruner=pruner)
+        fitness = PerplexityFitness(model, calibration)
+        study.optimize(MaskObjective(fitness, space, "sleb", stages=stages), n_trials=200)
+        return study, fitness
+
+    _, exact_fitness = run(())
+    study, fitness = run((1, 2))
+    found = sleb_result(study)
+    assert found is not None and len(found) == 3
+    base: tuple[int, ...] = ()
+    for step in range(3):
+        trials = [t for t in study.trials if t.system_attrs.get(STEP_KEY) == step]
+        assert all(set(base) < set(trial_mask(t, space)) for t in trials)
+        scored = {trial_mask(t, space): trial_loss(t) for t in trials}
+        exact = {m: loss for m, (loss, is_exact) in scored.items() if is_exact}
+        assert len(exact) < len(trials)  # some candidates were outranked on fewer samples
+        base = min(exact, key=exact.get)
+    assert base == found
+    outranked = [t for t in study.trials if t.user_attrs["stopped_early"]]
+    assert outranked and all(len(t.user_attrs["per_sample"]) < 4 for t in outranked)
+    assert fitness.layer_forwards < exact_fitness.layer_forwards

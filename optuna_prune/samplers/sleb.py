@@ -72,7 +72,10 @@ class SLEBSampler(MaskSampler):
     ``STOP_ABOVE_KEY`` = the step's best exact loss so far, so a hopeless candidate may stop
     early without changing the argmin. With several workers, the next step waits until every
     candidate of the current step is finished. ``study.stop()`` is called when all k steps are
-    done; :func:`sleb_result` then returns the final mask.
+    done; :func:`sleb_result` then returns the final mask. With a
+    :class:`~optuna_prune.pruners.GenerationHalvingPruner` and staged scoring, a step is ranked
+    like a generation: candidates outranked on a few samples stop (inexact, never the winner),
+    and the step picks the best candidate scored on all samples.
 
     Args:
         space: The masks to search; its ``protected`` layers are never dropped.
@@ -100,6 +103,12 @@ class SLEBSampler(MaskSampler):
             space.num_layers, space.num_drop, sorted(set(space.protected) | ends)
         )
         self._max_retries = int(max_retries)
+
+    @classmethod
+    def _get_generation_key(cls) -> str:
+        """The trial system attr grouping one greedy step, as a GA sampler's generation does, so
+        :class:`~optuna_prune.pruners.GenerationHalvingPruner` ranks a candidate within its step."""
+        return STEP_KEY
 
     def config(self) -> dict[str, Any]:
         return {
