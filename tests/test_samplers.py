@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -398,6 +399,60 @@ def test_exhaustive_enumerates_everything_once_and_finds_the_optimum() -> None:
     assert len(study.trials) == 56 + 1
     assert study.best_value == pytest.approx(toy.optimum(space)[0])
     assert not any(SURPLUS_KEY in t.system_attrs for t in study.trials)
+
+
+class RacingStorage(InMemoryStorage):
+    """Holds the first ``n`` reads of every trial until all have read: the proposals race.
+
+    (Reads of some states only, like ``study.ask`` looking for enqueued trials, pass.)
+    """
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.barrier = threading.Barrier(n, timeout=10)
+        self.reads = 0
+
+    def get_all_trials(
+        self, study_id: int, deepcopy: bool = True, states: Any = None
+    ) -> list[FrozenTrial]:
+        trials = super().get_all_trials(study_id, deepcopy, states)
+        with self._lock:
+            self.reads += states is None
+            racing = states is None and self.reads <= self.barrier.parties
+        if racing:
+            self.barrier.wait()
+        return trials
+
+
+@pytest.mark.parametrize("method", [ExhaustiveMaskSampler, SLEBSampler])
+def test_workers_that_propose_from_the_same_storage_get_different_masks(method: type) -> None:
+    space = LayerMaskSpace(8, 3)
+    sampler = method(space)
+    sampler.poll_interval = 0.01
+    study = optuna.create_study(sampler=sampler, storage=RacingStorage(3))
+    threads = [threading.Thread(target=study.ask) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    claimed = masks(study, space)
+    assert len(claimed) == 3 and len(set(claimed)) == 3, claimed  # deterministic: all read alike
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_a_worker_killed_while_proposing_leaves_a_trial_that_is_retried(tmp_path: Path) -> None:
+    """Optuna beats only from the objective on, and never fails a RUNNING trial without beats."""
+    from optuna_prune.study import open_storage
+
+    space = LayerMaskSpace(8, 3)
+    storage = open_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat=1)
+    study = evop_study(space, storage=storage, name="s", population_size=4, seed=0)
+    asked = study.ask()  # its process dies here: no objective, no heartbeat thread
+    time.sleep(4.5)  # past the grace period of 3 heartbeats (SQLite keeps whole seconds)
+    optuna.storages.fail_stale_trials(study)
+    trials = study.get_trials(deepcopy=False)
+    assert trials[asked.number].state == TrialState.FAIL
+    assert [t.state for t in trials[asked.number + 1 :]] == [TrialState.WAITING]  # its retry
 
 
 def test_exhaustive_refuses_huge_spaces() -> None:
