@@ -161,6 +161,7 @@ def open_study(
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
         check_problem(study, problem)
         refuse_concurrent_sqlite(study)
+        fail_orphaned_trials(study)
         return study
     study = optuna.create_study(
         study_name=name, storage=storage, sampler=sampler, pruner=pruner, directions=directions
@@ -290,6 +291,32 @@ def refuse_concurrent_sqlite(study: optuna.Study) -> None:
             f"(worker {workers[0] if workers else 'unknown'}); SQLite is for one process: "
             "use postgresql://... or a journal file (.log) for several workers"
         )
+
+
+def fail_orphaned_trials(study: optuna.Study) -> None:
+    """FAIL the RUNNING trials that never had a heartbeat and whose process is gone.
+
+    Optuna fails a RUNNING trial once its heartbeat is stale, never one without any: a process
+    killed between creating a trial and its sampler's first heartbeat leaves it RUNNING forever.
+    In SQLite, after :func:`refuse_concurrent_sqlite` found no other live process, every such
+    trial is an orphan; on a server, one older than the grace period is (a live worker's sampler
+    records a heartbeat right after creating the trial).
+    """
+    storage = getattr(study._storage, "_backend", study._storage)
+    if not isinstance(storage, RDBStorage) or not is_heartbeat_enabled(storage):
+        return
+    sqlite = storage.engine.dialect.name == "sqlite"
+    grace = 0.0 if sqlite else storage.grace_period or 2 * storage.heartbeat_interval
+    beats = _running_heartbeats(storage, study._study_id)
+    now = datetime.now()  # local clock, as optuna writes datetime_start
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.number in beats or t.datetime_start is None:
+            continue
+        if (now - t.datetime_start).total_seconds() > grace:
+            study._storage.set_trial_user_attr(
+                t._trial_id, "fail_reason", "orphaned: its process died before its first heartbeat"
+            )
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
 
 
 def _running_heartbeats(storage: RDBStorage, study_id: int) -> dict[int, tuple[Any, float]]:

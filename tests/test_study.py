@@ -24,6 +24,7 @@ from optuna_prune.study import (
     StudyMismatchError,
     best_by_method,
     open_storage,
+    open_study,
     run_search,
 )
 
@@ -129,6 +130,19 @@ def test_sigkill_mid_run_then_resume_loses_nothing(tiny_checkpoint, tmp_path):
     assert not study.get_trials(states=(TrialState.RUNNING,))
     gens = [t.system_attrs["EvoPSampler:generation"] for t in finished(study)]
     assert min(gens) == 0 and max(gens) >= generations_before  # the evolution continued, not restarted
+
+
+def test_resuming_fails_trials_whose_process_died_before_their_first_heartbeat(tmp_path):
+    storage = open_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat=1)
+    problem = {"model": "m", "num_layers": 8, "num_drop": 3}
+    study = open_study(storage, "s", problem, ["minimize"])
+    orphan, beating = study.ask(), study.ask()  # killed right after creating the trial / later on
+    storage.record_heartbeat(beating._trial_id)
+    open_study(storage, "s", problem, ["minimize"])
+    trials = study.get_trials(deepcopy=False)
+    assert trials[orphan.number].state == TrialState.FAIL
+    assert trials[orphan.number].user_attrs["fail_reason"].startswith("orphaned")
+    assert trials[beating.number].state == TrialState.RUNNING  # left to optuna's stale-heartbeat retry
 
 
 def test_two_processes_share_one_evolution(tiny_checkpoint, tmp_path):
