@@ -153,26 +153,39 @@ def open_study(
     ``new_study`` never deletes anything: it picks the first free name ``NAME-2``, ``NAME-3``...
     """
     existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
-    if new_study:
-        base, n = name, 2
-        while name in existing:
-            name, n = f"{base}-{n}", n + 1
-    if name in existing:
-        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
-        check_problem(study, problem)
-        refuse_concurrent_sqlite(study)
-        fail_orphaned_trials(study)
-        return study
-    study = optuna.create_study(
-        study_name=name, storage=storage, sampler=sampler, pruner=pruner, directions=directions
-    )
-    study.set_user_attr(PROBLEM_ATTR, problem)
-    study.set_user_attr("versions", versions())
+    base, n = name, 2
+    while new_study and name in existing:
+        name, n = f"{base}-{n}", n + 1
+    if name not in existing:
+        try:
+            study = optuna.create_study(
+                study_name=name, storage=storage, sampler=sampler, pruner=pruner, directions=directions
+            )
+        except optuna.exceptions.DuplicatedStudyError:  # a process started with this one made it
+            if new_study:
+                return open_study(storage, base, problem, directions, sampler, new_study, pruner)
+        else:
+            study.set_user_attr(PROBLEM_ATTR, problem)
+            study.set_user_attr("versions", versions())
+            return study
+    study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
+    check_problem(study, problem)
+    refuse_concurrent_sqlite(study)
+    fail_orphaned_trials(study)
     return study
 
 
-def check_problem(study: optuna.Study, problem: dict[str, Any]) -> None:
-    stored = study.user_attrs.get(PROBLEM_ATTR)
+def check_problem(study: optuna.Study, problem: dict[str, Any], wait: float = 5.0) -> None:
+    """Raise StudyMismatchError unless ``study`` was made for ``problem``.
+
+    A study without trials may have been created a moment ago by a process started with this
+    one, which records the problem right after: wait up to ``wait`` seconds for it.
+    """
+    deadline = time.monotonic() + wait
+    while (stored := study.user_attrs.get(PROBLEM_ATTR)) is None and time.monotonic() < deadline:
+        if study.get_trials(deepcopy=False):
+            break
+        time.sleep(0.1)
     if stored is None:
         raise StudyMismatchError(
             f"study {study.study_name!r} was not created by optuna-prune; use another --study name"

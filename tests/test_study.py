@@ -145,6 +145,30 @@ def test_resuming_fails_trials_whose_process_died_before_their_first_heartbeat(t
     assert trials[beating.number].state == TrialState.RUNNING  # left to optuna's stale-heartbeat retry
 
 
+def test_processes_started_together_create_the_study_once():
+    class RacingStorage(optuna.storages.InMemoryStorage):
+        """Both openers list the studies before either creates one."""
+
+        barrier = threading.Barrier(2, timeout=10)
+
+        def get_all_studies(self):  # noqa: ANN202
+            studies = super().get_all_studies()
+            if not studies:
+                self.barrier.wait()
+            return studies
+
+    storage, problem = RacingStorage(), {"model": "m", "num_layers": 8, "num_drop": 3}
+    opened: list[str] = []
+    threads = [threading.Thread(target=lambda: opened.append(open_study(storage, "s", problem, ["minimize"]).study_name))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert opened == ["s", "s"]
+    assert [s.study_name for s in storage.get_all_studies()] == ["s"]
+
+
 def test_two_processes_share_one_evolution(tiny_checkpoint, tmp_path):
     storage = str(tmp_path / "journal.log")
     procs = [subprocess.Popen(_cli_search(tiny_checkpoint, storage, 24), stderr=subprocess.PIPE, text=True)
