@@ -136,7 +136,8 @@ class GenerationHalvingPruner(BasePruner):
         min_peers: Other trials that must have reached a step before any trial is pruned there.
         with_parents: Rank against the generation's parents too (they were scored on the same
             stages). An offspring is worth finishing only if it can join the elite, so this
-            sets the bar from the first offspring on.
+            sets the bar from the first offspring on. Default: whether the sampler has parents
+            (a GA sampler does, SLEB does not).
     """
 
     def __init__(
@@ -145,13 +146,15 @@ class GenerationHalvingPruner(BasePruner):
         *,
         keep: float | Sequence[float] = 0.5,
         min_peers: int = 3,
-        with_parents: bool = True,
+        with_parents: bool | None = None,
     ) -> None:
         fractions = [float(keep)] if isinstance(keep, (int, float)) else [float(k) for k in keep]
         if not fractions or not all(0.0 < k <= 1.0 for k in fractions):
             raise ValueError(f"keep={keep!r}: give fractions in (0, 1], e.g. 0.5")
         if isinstance(min_peers, bool) or not isinstance(min_peers, int) or min_peers < 0:
             raise ValueError(f"min_peers={min_peers!r} must be an integer >= 0")
+        if with_parents is None:
+            with_parents = hasattr(sampler, "_get_parent_cache_key_prefix")
         self._generation_key = sampler._get_generation_key()
         self._parent_prefix = sampler._get_parent_cache_key_prefix() if with_parents else ""
         self._keep = fractions

@@ -274,12 +274,10 @@ def refuse_concurrent_sqlite(study: optuna.Study) -> None:
     trials and heartbeats stand still). Cheap, not airtight: two processes starting together
     see nothing of each other.
     """
-    storage = getattr(study._storage, "_backend", study._storage)  # unwrap optuna's cache
-    if not isinstance(storage, RDBStorage) or storage.engine.dialect.name != "sqlite":
+    storage = _beating_rdb(study)
+    if storage is None or storage.engine.dialect.name != "sqlite":
         return
-    if not is_heartbeat_enabled(storage):
-        return
-    grace = storage.grace_period or 2 * storage.heartbeat_interval
+    grace = _grace(storage)
 
     def snapshot() -> tuple[list[optuna.trial.FrozenTrial], dict[int, tuple[Any, float]]]:
         return storage.get_all_trials(study._study_id), _running_heartbeats(storage, study._study_id)
@@ -315,11 +313,10 @@ def fail_orphaned_trials(study: optuna.Study) -> None:
     trial is an orphan; on a server, one older than the grace period is (a live worker's sampler
     records a heartbeat right after creating the trial).
     """
-    storage = getattr(study._storage, "_backend", study._storage)
-    if not isinstance(storage, RDBStorage) or not is_heartbeat_enabled(storage):
+    storage = _beating_rdb(study)
+    if storage is None:
         return
-    sqlite = storage.engine.dialect.name == "sqlite"
-    grace = 0.0 if sqlite else storage.grace_period or 2 * storage.heartbeat_interval
+    grace = 0.0 if storage.engine.dialect.name == "sqlite" else _grace(storage)
     beats = _running_heartbeats(storage, study._study_id)
     now = datetime.now()  # local clock, as optuna writes datetime_start
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -330,6 +327,17 @@ def fail_orphaned_trials(study: optuna.Study) -> None:
                 t._trial_id, "fail_reason", "orphaned: its process died before its first heartbeat"
             )
             study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+
+
+def _beating_rdb(study: optuna.Study) -> RDBStorage | None:
+    """The study's RDB storage (unwrapped from optuna's cache) if it records heartbeats, else None."""
+    storage = getattr(study._storage, "_backend", study._storage)
+    return storage if isinstance(storage, RDBStorage) and is_heartbeat_enabled(storage) else None
+
+
+def _grace(storage: RDBStorage) -> float:
+    """Seconds without a heartbeat after which a RUNNING trial counts as dead (optuna's rule)."""
+    return storage.grace_period or 2 * storage.heartbeat_interval
 
 
 def _running_heartbeats(storage: RDBStorage, study_id: int) -> dict[int, tuple[Any, float]]:
@@ -491,7 +499,7 @@ def make_pruner(cfg: SearchConfig, sampler: optuna.samplers.BaseSampler) -> optu
         return sampler.pruner()
     if not cfg.fidelity_stages() or not isinstance(sampler, (EvoPSampler, SLEBSampler)):
         return None
-    return GenerationHalvingPruner(sampler, keep=cfg.fidelity_keep, with_parents=not isinstance(sampler, SLEBSampler))
+    return GenerationHalvingPruner(sampler, keep=cfg.fidelity_keep)
 
 
 def default_budget(cfg: SearchConfig, sampler: optuna.samplers.BaseSampler) -> MethodBudget | None:
