@@ -401,44 +401,6 @@ def test_exhaustive_enumerates_everything_once_and_finds_the_optimum() -> None:
     assert not any(SURPLUS_KEY in t.system_attrs for t in study.trials)
 
 
-class RacingStorage(InMemoryStorage):
-    """Holds the first ``n`` reads of every trial until all have read: the proposals race.
-
-    (Reads of some states only, like ``study.ask`` looking for enqueued trials, pass.)
-    """
-
-    def __init__(self, n: int) -> None:
-        super().__init__()
-        self.barrier = threading.Barrier(n, timeout=10)
-        self.reads = 0
-
-    def get_all_trials(
-        self, study_id: int, deepcopy: bool = True, states: Any = None
-    ) -> list[FrozenTrial]:
-        trials = super().get_all_trials(study_id, deepcopy, states)
-        with self._lock:
-            self.reads += states is None
-            racing = states is None and self.reads <= self.barrier.parties
-        if racing:
-            self.barrier.wait()
-        return trials
-
-
-@pytest.mark.parametrize("method", [ExhaustiveMaskSampler, SLEBSampler])
-def test_workers_that_propose_from_the_same_storage_get_different_masks(method: type) -> None:
-    space = LayerMaskSpace(8, 3)
-    sampler = method(space)
-    sampler.poll_interval = 0.01
-    study = optuna.create_study(sampler=sampler, storage=RacingStorage(3))
-    threads = [threading.Thread(target=study.ask) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    claimed = masks(study, space)
-    assert len(claimed) == 3 and len(set(claimed)) == 3, claimed  # deterministic: all read alike
-
-
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_a_worker_killed_while_proposing_leaves_a_trial_that_is_retried(tmp_path: Path) -> None:
     """Optuna beats only from the objective on, and never fails a RUNNING trial without beats."""

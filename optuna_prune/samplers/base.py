@@ -17,7 +17,6 @@ import copy
 import itertools
 import logging
 import math
-import random
 import time
 import warnings
 import zlib
@@ -46,7 +45,6 @@ SURPLUS_KEY = "optuna_prune:surplus"
 FIXED_PARAMS_KEY = "fixed_params"  # where Optuna's enqueue_trial keeps the enqueued params
 _LONG_WAIT = 600.0  # seconds of waiting on the same trials before a warning
 _ENUMERATE_LIMIT = 100_000  # below this many masks, a random search may list the unseen ones
-_MAX_CLAIMS = 20  # proposals a trial makes while concurrent workers keep claiming the same mask
 
 
 @dataclass
@@ -182,7 +180,8 @@ class MaskSampler(BaseSampler, abc.ABC):
             _beat(study, trial)
             storage.set_trial_system_attr(trial._trial_id, METHOD_KEY, self.method)
             self._check_config(study)
-            proposal = self._claim(study, trial, self._preset_mask(trial))
+            proposal = self._wait_for_proposal(study, trial, self._preset_mask(trial))
+            storage.set_trial_system_attr(trial._trial_id, MASK_KEY, list(proposal.dropped))
             for key, value in proposal.attrs.items():
                 storage.set_trial_system_attr(trial._trial_id, key, value)
             if proposal.stop:
@@ -310,42 +309,9 @@ class MaskSampler(BaseSampler, abc.ABC):
                 f"but this sampler has {mine}; use the same settings to resume or a new study"
             )
 
-    def _claim(self, study: Study, trial: FrozenTrial, seed: tuple[int, ...] | None) -> Proposal:
-        """Propose a mask and store it, so that no two concurrent trials get the same mask.
-
-        Two workers that read storage at the same time may propose the same mask. Each writes
-        its claim, then reads again: storage is linearizable, so at least one of them sees the
-        other's new claim, and whoever sees one gives the mask up, waits a random moment (so
-        deterministic samplers such as SLEB do not collide again) and proposes anew. A mask
-        that was already in the storage the proposal was made from is repeated on purpose.
-        """
-        jitter = random.Random()  # timing only: proposals stay a function of the seed and storage
-        for attempt in range(1, _MAX_CLAIMS + 1):
-            proposal, known = self._wait_for_proposal(study, trial, seed)
-            study._storage.set_trial_system_attr(trial._trial_id, MASK_KEY, list(proposal.dropped))
-            if seed is not None or proposal.dropped in self._seen(known, exclude=trial.number):
-                break
-            trials = study._storage.get_all_trials(study._study_id, deepcopy=False)
-            if proposal.dropped not in self._seen(trials, exclude=trial.number):
-                break
-            _logger.debug(
-                "trial %d gives up %s: another trial claimed it too", trial.number, proposal.dropped
-            )
-            time.sleep(jitter.uniform(0, self.poll_interval * min(attempt, 4)))
-            _beat(study, trial)
-        else:
-            _logger.warning(
-                "trial %d keeps %s after %d raced claims: it may be scored twice",
-                trial.number,
-                proposal.dropped,
-                _MAX_CLAIMS,
-            )
-        return proposal
-
     def _wait_for_proposal(
         self, study: Study, trial: FrozenTrial, seed: tuple[int, ...] | None
-    ) -> tuple[Proposal, list[FrozenTrial]]:
-        """The proposal for ``trial`` and the trials it was made from."""
+    ) -> Proposal:
         # Poll without a timeout: a long LLM evaluation elsewhere is normal. Ctrl-C interrupts
         # the sleep; with heartbeats on, trials of dead workers are failed so the wait ends.
         waited_on: tuple[int, ...] | None = None
@@ -354,7 +320,7 @@ class MaskSampler(BaseSampler, abc.ABC):
             trials = study._storage.get_all_trials(study._study_id, deepcopy=False)
             result = self._propose(study, trial, trials, seed)
             if isinstance(result, Proposal):
-                return result, trials
+                return result
             now = time.monotonic()
             if result.on != waited_on:
                 waited_on, since = result.on, now
