@@ -401,6 +401,73 @@ def test_exhaustive_enumerates_everything_once_and_finds_the_optimum() -> None:
     assert not any(SURPLUS_KEY in t.system_attrs for t in study.trials)
 
 
+class SlowReads(InMemoryStorage):
+    """Reads of every trial take 50 ms: threads that ask at once would read the same storage."""
+
+    def get_all_trials(
+        self, study_id: int, deepcopy: bool = True, states: Any = None
+    ) -> list[FrozenTrial]:
+        trials = super().get_all_trials(study_id, deepcopy, states)
+        time.sleep(0.05)
+        return trials
+
+
+class RacingJournal(JournalStorage):
+    """A journal file (shared by processes) whose first ``n`` full reads all finish before any
+    returns: ``n`` workers propose from the same storage. Reads of some states only pass."""
+
+    def __init__(self, path: Path, n: int) -> None:
+        super().__init__(JournalFileBackend(str(path)))
+        self.barrier = threading.Barrier(n, timeout=10)
+        self.reads = 0
+        self.count_lock = threading.Lock()
+
+    def get_all_trials(
+        self, study_id: int, deepcopy: bool = True, states: Any = None
+    ) -> list[FrozenTrial]:
+        trials = super().get_all_trials(study_id, deepcopy, states)
+        with self.count_lock:
+            self.reads += states is None
+            racing = states is None and self.reads <= self.barrier.parties
+        if racing:
+            self.barrier.wait()
+        return trials
+
+
+def _ask_together(studies: list[optuna.Study]) -> None:
+    threads = [threading.Thread(target=s.ask) for s in studies]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+@pytest.mark.parametrize("method", [ExhaustiveMaskSampler, SLEBSampler])
+def test_threads_of_one_process_propose_one_at_a_time(method: type) -> None:
+    space = LayerMaskSpace(8, 3)
+    study = optuna.create_study(sampler=method(space), storage=SlowReads())
+    _ask_together([study] * 3)
+    claimed = masks(study, space)
+    assert len(claimed) == 3 and len(set(claimed)) == 3, claimed  # deterministic: all read alike
+
+
+@pytest.mark.parametrize("method", [ExhaustiveMaskSampler, SLEBSampler])
+def test_workers_that_propose_from_the_same_shared_storage_get_different_masks(
+    method: type, tmp_path: Path
+) -> None:
+    space = LayerMaskSpace(8, 3)
+    storage = RacingJournal(tmp_path / "journal.log", 3)
+    optuna.create_study(storage=storage, study_name="s")
+    workers = []
+    for _ in range(3):  # one sampler each, as in separate processes
+        sampler = method(space)
+        sampler.poll_interval = 0.01
+        workers.append(optuna.load_study(study_name="s", storage=storage, sampler=sampler))
+    _ask_together(workers)
+    claimed = masks(workers[0], space)
+    assert len(claimed) == 3 and len(set(claimed)) == 3, claimed
+
+
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_a_worker_killed_while_proposing_leaves_a_trial_that_is_retried(tmp_path: Path) -> None:
     """Optuna beats only from the objective on, and never fails a RUNNING trial without beats."""

@@ -17,6 +17,8 @@ import copy
 import itertools
 import logging
 import math
+import random
+import threading
 import time
 import warnings
 import zlib
@@ -30,6 +32,7 @@ from optuna.distributions import BaseDistribution
 from optuna.exceptions import ExperimentalWarning
 from optuna.samplers import BaseSampler, RandomSampler
 from optuna.samplers._lazy_random_state import LazyRandomState
+from optuna.storages import BaseStorage, InMemoryStorage, RDBStorage
 from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
@@ -45,6 +48,7 @@ SURPLUS_KEY = "optuna_prune:surplus"
 FIXED_PARAMS_KEY = "fixed_params"  # where Optuna's enqueue_trial keeps the enqueued params
 _LONG_WAIT = 600.0  # seconds of waiting on the same trials before a warning
 _ENUMERATE_LIMIT = 100_000  # below this many masks, a random search may list the unseen ones
+_MAX_CLAIMS = 20  # proposals a trial makes while workers of other processes claim the same masks
 
 
 @dataclass
@@ -104,6 +108,18 @@ def _beat(study: Study, trial: FrozenTrial) -> None:
         study._storage.record_heartbeat(trial._trial_id)
 
 
+def _shared(storage: BaseStorage) -> bool:
+    """Whether other processes may write ``storage`` (a database server, a journal file, gRPC).
+
+    In-memory storage is one process's; so is SQLite, whose studies refuse a second live process
+    (``study.refuse_concurrent_sqlite``).
+    """
+    backend = getattr(storage, "_backend", storage)  # unwrap optuna's _CachedStorage
+    if isinstance(backend, InMemoryStorage):
+        return False
+    return not (isinstance(backend, RDBStorage) and backend.engine.dialect.name == "sqlite")
+
+
 class MaskSampler(BaseSampler, abc.ABC):
     """Base class of the samplers that propose exact-k layer masks of a :class:`LayerMaskSpace`.
 
@@ -130,6 +146,8 @@ class MaskSampler(BaseSampler, abc.ABC):
         self._seed = seed
         self._rng = LazyRandomState(seed)
         self._random_sampler = RandomSampler(seed=seed)
+        # Read storage, propose, write the mask: one step for the threads of this process.
+        self._proposing = threading.Lock()
 
     @property
     def space(self) -> LayerMaskSpace:
@@ -180,10 +198,7 @@ class MaskSampler(BaseSampler, abc.ABC):
             _beat(study, trial)
             storage.set_trial_system_attr(trial._trial_id, METHOD_KEY, self.method)
             self._check_config(study)
-            proposal = self._wait_for_proposal(study, trial, self._preset_mask(trial))
-            storage.set_trial_system_attr(trial._trial_id, MASK_KEY, list(proposal.dropped))
-            for key, value in proposal.attrs.items():
-                storage.set_trial_system_attr(trial._trial_id, key, value)
+            proposal = self._claim(study, trial, self._preset_mask(trial))
             if proposal.stop:
                 _stop(study)
         except BaseException:
@@ -290,7 +305,7 @@ class MaskSampler(BaseSampler, abc.ABC):
 
     def _stored_proposal(self, study: Study, trial: FrozenTrial) -> tuple[int, ...]:
         attrs = study._storage.get_trial_system_attrs(trial._trial_id)
-        if MASK_KEY in attrs:
+        if attrs.get(MASK_KEY) is not None:  # None: a claim withdrawn (_claim)
             return tuple(int(i) for i in attrs[MASK_KEY])
         # before_trial did not run through this sampler (e.g. the sampler was swapped mid-trial).
         dropped = self._space.from_array(self._space.random_mask(self._trial_rng(trial)))
@@ -309,18 +324,69 @@ class MaskSampler(BaseSampler, abc.ABC):
                 f"but this sampler has {mine}; use the same settings to resume or a new study"
             )
 
+    def _claim(self, study: Study, trial: FrozenTrial, seed: tuple[int, ...] | None) -> Proposal:
+        """Propose a mask and store it, so that no two concurrent trials get the same new mask.
+
+        Threads of this process propose one at a time (``_wait_for_proposal``). Workers of other
+        processes may read a shared storage at the same moment and propose alike: each writes its
+        claim, then reads the running trials again. Storage is linearizable, so at least one of
+        two racers sees the other's claim; whoever sees one withdraws its own, waits a random
+        moment (deterministic samplers such as SLEB would collide again) and proposes anew. A
+        mask of a finished trial is repeated on purpose (SLEB rescoring another method's mask,
+        a surplus trial), as are seeds and retries. The reread is skipped where no other process
+        writes: it costs a storage read per trial, and every read is a place for Ctrl-C to land.
+        """
+        storage = study._storage
+        jitter = random.Random()  # timing only: proposals stay a function of the seed and storage
+        for attempt in range(1, _MAX_CLAIMS + 1):
+            proposal, known = self._wait_for_proposal(study, trial, seed)
+            finished = [t for t in known if t.state.is_finished()]
+            if (
+                not _shared(storage)
+                or seed is not None
+                or proposal.stop
+                or proposal.dropped in self._seen(finished)
+            ):
+                return proposal
+            running = storage.get_all_trials(
+                study._study_id, deepcopy=False, states=(TrialState.RUNNING,)
+            )
+            if proposal.dropped not in self._seen(running, exclude=trial.number):
+                return proposal
+            _logger.debug(
+                "trial %d withdraws %s: another worker claimed it", trial.number, proposal.dropped
+            )
+            storage.set_trial_system_attr(trial._trial_id, MASK_KEY, None)
+            time.sleep(jitter.uniform(0, self.poll_interval * min(attempt, 4)))
+            _beat(study, trial)
+        _logger.warning(
+            "trial %d keeps %s after %d raced claims: it may be scored twice",
+            trial.number,
+            proposal.dropped,
+            _MAX_CLAIMS,
+        )
+        return proposal
+
     def _wait_for_proposal(
         self, study: Study, trial: FrozenTrial, seed: tuple[int, ...] | None
-    ) -> Proposal:
+    ) -> tuple[Proposal, list[FrozenTrial]]:
+        """Store the proposal for ``trial`` as its ``MASK_KEY``; return it and the trials it
+        was made from."""
         # Poll without a timeout: a long LLM evaluation elsewhere is normal. Ctrl-C interrupts
         # the sleep; with heartbeats on, trials of dead workers are failed so the wait ends.
         waited_on: tuple[int, ...] | None = None
         since = warned = time.monotonic()
         while True:
-            trials = study._storage.get_all_trials(study._study_id, deepcopy=False)
-            result = self._propose(study, trial, trials, seed)
-            if isinstance(result, Proposal):
-                return result
+            with self._proposing:
+                trials = study._storage.get_all_trials(study._study_id, deepcopy=False)
+                result = self._propose(study, trial, trials, seed)
+                if isinstance(result, Proposal):
+                    # The mask last: a trial with a mask is complete for every sampler's replay.
+                    for key, value in result.attrs.items():
+                        study._storage.set_trial_system_attr(trial._trial_id, key, value)
+                    mask = list(result.dropped)
+                    study._storage.set_trial_system_attr(trial._trial_id, MASK_KEY, mask)
+                    return result, trials
             now = time.monotonic()
             if result.on != waited_on:
                 waited_on, since = result.on, now
