@@ -7,7 +7,9 @@ level-switch sampler (also multi-fidelity), random exact-k search, and ShortGPT 
 ``--methods`` adds ``evop+mf+seed`` and ``levelswitch+seed``, whose generation 0 holds ShortGPT's mask
 (free: block influence comes from the dense pass the fitness makes anyway), ``sleb+mf`` (SLEB whose
 candidates are ranked within their greedy step after 1 and 2 samples, only the best scored on all),
-and ``sleb+mf>levelswitch`` (that, then level-switch search from its mask for the rest of the budget).
+``sleb+mf>levelswitch`` (that, then level-switch search from its mask for the rest of the budget),
+and ``levelswitch@blocks`` and ``evop+mf@blocks``, which drop attention and MLP blocks separately
+(``--space sublayers``: the same sparsity of 2L blocks).
 Every method runs through ``run_search`` in a study of its own, exactly as a user would run it, with
 the same calibration set (the seed picks the windows, so SLEB reruns per seed). All methods share
 one fitness, perplexity, so calibration losses are on one axis (levelswitch's usual KL fitness
@@ -43,6 +45,7 @@ from plotly.subplots import make_subplots
 
 from optuna_prune.config import SearchConfig
 from optuna_prune.figures import method_color
+from optuna_prune.layers import SubBlocks, find_layer_stack, sub_block_names
 from optuna_prune.models import load_model
 from optuna_prune.perplexity import cross_domain
 from optuna_prune.samplers import sleb_result
@@ -64,6 +67,10 @@ METHODS: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "levelswitch+seed": [("levelswitch", {"seed_with": ["shortgpt"]})],
     "sleb+mf": [("sleb", {"fidelity": [1, 2]})],
     "sleb+mf>levelswitch": [("sleb", {"fidelity": [1, 2]}), ("levelswitch", {"seed_with": ["sleb"]})],
+    # "@blocks": the same sparsity of the 2L attention and MLP blocks (--space sublayers), e.g. 12 of 60
+    # blocks where the layer methods drop 6 of 30 layers; the table's weights column says what each removes.
+    "levelswitch@blocks": [("levelswitch", {"space": "sublayers"})],
+    "evop+mf@blocks": [("evop", {"space": "sublayers"})],
 }
 
 
@@ -96,7 +103,8 @@ def run_method(base: SearchConfig, label: str, timeout: float | None) -> dict[st
             curve.append(((t.datetime_complete - started["wall"]).total_seconds(), t.value))
     forwards = sum(t.user_attrs.get("layer_forwards", 0) for t in study.get_trials(deepcopy=False))
     return {
-        "method": label, "dropped": best["dropped"], "loss": best["value"],
+        "method": label, "space": study.user_attrs["problem"].get("space", "layers"),
+        "dropped": best["dropped"], "loss": best["value"],
         "calibration_ppl": math.exp(best["value"]), "evaluations": best["evaluations"],
         "layer_forwards": forwards, "seconds": seconds,
         "search_seconds": time.perf_counter() - search_start["t"], "curve": curve,
@@ -126,16 +134,18 @@ def main() -> None:
         parser.error("--methods must start with sleb: its search time is everyone's budget")
 
     model, tokenizer = load_model("smollm2-135m", device="cpu")
-    held_out_cache: dict[tuple[int, ...], dict[str, float]] = {}
+    held_out_cache: dict[tuple[str, tuple[int, ...]], dict[str, float]] = {}
 
-    def held_out(masks: dict[str, tuple[int, ...]]) -> None:
-        todo = {str(m): m for m in masks.values() if m not in held_out_cache}
+    def held_out(masks: list[tuple[str, tuple[int, ...]]]) -> None:
+        """Held-out perplexity of (space, dropped) masks not measured yet."""
+        todo = {f"{space} {m}": (space, m) for space, m in masks if (space, m) not in held_out_cache}
         if todo:
-            table = cross_domain(model, tokenizer, todo, datasets=("wikitext2", "c4"), data_dir=args.data_dir,
+            views = {k: SubBlocks(m) if space == "sublayers" else m for k, (space, m) in todo.items()}
+            table = cross_domain(model, tokenizer, views, datasets=("wikitext2", "c4"), data_dir=args.data_dir,
                                  seq_len=512, max_windows=args.windows, max_chars=300_000)
-            held_out_cache.update({m: table[str(m)] for m in todo.values()})
+            held_out_cache.update({key: table[k] for k, key in todo.items()})
 
-    held_out({"dense": ()})
+    held_out([("layers", ())])
     rows: list[dict[str, Any]] = []
     for sparsity in args.sparsities:
         for seed in args.seeds:
@@ -150,17 +160,18 @@ def main() -> None:
                 results.append(run_method(base, label, None if label == "shortgpt" else budget))
                 print(f"{sparsity:.0%} seed {seed} {label}: ppl {results[-1]['calibration_ppl']:.2f} "
                       f"in {results[-1]['seconds']:.0f} s", flush=True)
-            held_out({r["method"]: tuple(r["dropped"]) for r in results})
+            held_out([(r["space"], tuple(r["dropped"])) for r in results])
             target, sleb_time = results[0]["loss"], time_to_reach(results[0]["curve"], results[0]["loss"])
             for r in results:
                 reach = time_to_reach(r["curve"], target)
                 rows.append({
                     "sparsity": sparsity, "seed": seed, **r, "reach_sleb_seconds": reach,
                     "reach_ratio": None if reach is None else reach / sleb_time,
-                    **{f"{d}_ppl": v for d, v in held_out_cache[tuple(r["dropped"])].items()},
+                    "weights_removed": weights_removed(model, r["space"], r["dropped"]),
+                    **{f"{d}_ppl": v for d, v in held_out_cache[(r["space"], tuple(r["dropped"]))].items()},
                 })
 
-    dense = held_out_cache[()]
+    dense = held_out_cache[("layers", ())]
     table = render_table(rows, args.methods, dense)
     print(table)
     out = Path(args.out)
@@ -170,14 +181,27 @@ def main() -> None:
     print(f"wrote {out} and {out.with_suffix('.html')}")
 
 
+def weights_removed(model: Any, space: str, dropped: list[int]) -> float:
+    """Share of the decoder layers' weights a mask removes (whole layers) or zeroes (single blocks)."""
+    layers = find_layer_stack(model).layers
+    total = sum(p.numel() for layer in layers for p in layer.parameters())
+    if space != "sublayers":
+        return sum(p.numel() for i in dropped for p in layers[i].parameters()) / total
+    gone = 0
+    for unit in dropped:
+        layer = layers[unit // 2]
+        gone += sum(p.numel() for p in layer.get_submodule(sub_block_names(layer)[unit % 2]).parameters())
+    return gone / total
+
+
 def render_table(rows: list[dict[str, Any]], methods: list[str], dense: dict[str, float]) -> str:
     """One line per sparsity and method: means over seeds; reach counts the seeds that got there."""
     lines = [
         f"dense: WikiText-2 {dense['wikitext2']:.2f}, C4 {dense['c4']:.2f}",
         "",
         "| sparsity | method | calibration ppl | WikiText-2 ppl | C4 ppl | evaluations | layer forwards | "
-        "wall time (s) | reached SLEB's loss | time to reach (s) | ratio to SLEB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "wall time (s) | reached SLEB's loss | time to reach (s) | ratio to SLEB | decoder weights removed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for sparsity in dict.fromkeys(r["sparsity"] for r in rows):
         for method in methods:
@@ -192,7 +216,8 @@ def render_table(rows: list[dict[str, Any]], methods: list[str], dense: dict[str
             lines.append(
                 f"| {sparsity:.0%} | {method} | {mean('calibration_ppl'):.2f} | {mean('wikitext2_ppl'):.2f} | "
                 f"{mean('c4_ppl'):.2f} | {mean('evaluations'):.0f} | {mean('layer_forwards'):.0f} | "
-                f"{mean('seconds'):.0f} | {len(reached)}/{len(group)} | {reach} | {ratio} |"
+                f"{mean('seconds'):.0f} | {len(reached)}/{len(group)} | {reach} | {ratio} | "
+                f"{mean('weights_removed'):.1%} |"
             )
     return "\n".join(lines)
 

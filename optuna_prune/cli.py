@@ -69,7 +69,8 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
                    "OpenAI-compatible endpoint such as http://127.0.0.1:8000/v1")
     p.add_argument("--llm-model", help="model name served by the --llm endpoint")
     p.add_argument("--llm-timeout", type=float, help="seconds per LLM request (default 60)")
-    p.add_argument("--space", choices=("layers", "rates"), help="layers: drop decoder layers (default); "
+    p.add_argument("--space", choices=("layers", "sublayers", "rates"), help="layers: drop decoder layers "
+                   "(default); sublayers: drop attention and MLP blocks separately (--sparsity of the 2L blocks); "
                    "rates (selfpruner): per-layer MLP width-pruning rates with mean --sparsity")
     p.add_argument("--rate-resolution", type=int, help="rates in steps of 1/N of a layer's MLP width (16)")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: CUDA when present)")

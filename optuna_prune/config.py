@@ -22,7 +22,8 @@ class ConfigError(ValueError):
 
 
 SAMPLERS = ("evop", "levelswitch", "darwin", "sleb", "shortgpt", "random", "tpe", "exhaustive", "selfpruner")
-SPACES = ("layers", "rates")
+SPACES = ("layers", "sublayers", "rates")
+SUB_BLOCK_SAMPLERS = ("evop", "levelswitch", "sleb", "random", "tpe", "exhaustive")
 FITNESS_NAMES = ("perplexity", "kl")
 OBJECTIVE_MODES = ("mean", "worst", "clusters")
 INVALID_MASK_POLICIES = ("repair", "reject")
@@ -66,7 +67,8 @@ class SearchConfig:
     llm: str = "local:smollm2-135m"
     llm_model: str | None = None
     llm_timeout: float = 60.0
-    # "layers": drop whole decoder layers; "rates" (selfpruner): per-layer MLP width-pruning rates in
+    # "layers": drop whole decoder layers; "sublayers": drop attention and MLP blocks separately (the
+    # sparsity counts the 2L blocks); "rates" (selfpruner): per-layer MLP width-pruning rates in
     # steps of 1/rate_resolution whose mean is the sparsity.
     space: str = "layers"
     rate_resolution: int = 16
@@ -117,7 +119,14 @@ class SearchConfig:
             raise ConfigError(f"fidelity_keep {self.fidelity_keep} must be a fraction in (0, 1], e.g. 0.5")
         if self.sampler == "darwin":
             self._validate_darwin()
-        if self.sampler == "selfpruner" or self.space != "layers":
+        _choice("space", self.space, SPACES)
+        if self.space == "sublayers" and (self.sampler not in SUB_BLOCK_SAMPLERS or "shortgpt" in self.seed_with):
+            raise ConfigError(
+                f"space = sublayers works with the samplers {', '.join(SUB_BLOCK_SAMPLERS)} and seed_with sleb; "
+                f"not with {self.sampler if self.sampler not in SUB_BLOCK_SAMPLERS else 'seed_with shortgpt'}, "
+                "which score or train whole layers"
+            )
+        if self.sampler == "selfpruner" or self.space == "rates":
             self._validate_selfpruner()
         if self.heartbeat < 1:
             raise ConfigError(f"heartbeat {self.heartbeat} must be >= 1 second")
@@ -131,7 +140,6 @@ class SearchConfig:
             make_llm(self.llm, self.llm_model, self.llm_timeout)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        _choice("space", self.space, SPACES)
         if self.space == "layers":
             return
         if self.sampler != "selfpruner" or self.drop is not None:

@@ -22,7 +22,7 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from optuna_prune.downstream import DEFAULT_TASKS
-from optuna_prune.export import TrialChoiceError, choose_trial
+from optuna_prune.export import TrialChoiceError, choose_trial, model_mask
 from optuna_prune.study import best_by_method, config_of
 
 DEFAULT_DATASETS = ("wikitext2", "c4")
@@ -126,7 +126,7 @@ def evaluate_study(
         for dataset in datasets:
             if dataset not in entry["perplexity"]:
                 entry["perplexity"][dataset] = perplexity(
-                    model, tokenizer, dataset, data_dir=data_dir, dropped=entry["dropped"],
+                    model, tokenizer, dataset, data_dir=data_dir, dropped=model_mask(study, entry["dropped"]),
                     batch_size=batch_size, **ppl_settings,
                 )
                 entry["settings"]["perplexity"] = ppl_settings
@@ -134,12 +134,13 @@ def evaluate_study(
         todo = [t for t in tasks if t not in entry["downstream"] or entry["downstream"][t].get("limit") != limit]
         if todo:
             entry["downstream"].update(downstream(
-                model, tokenizer, todo, limit=limit, data_dir=data_dir, dropped=entry["dropped"],
+                model, tokenizer, todo, limit=limit, data_dir=data_dir, dropped=model_mask(study, entry["dropped"]),
                 batch_size=batch_size,
             ))
             save(entry)
     if speed:
-        _measure_speeds(model, tokenizer, entries, {**settings.speed(), "device": str(model.device)}, save)
+        masks = {entry_key(e["trial"]): model_mask(study, e["dropped"]) for e in entries}
+        _measure_speeds(model, tokenizer, entries, masks, {**settings.speed(), "device": str(model.device)}, save)
 
     result = {
         "study": study.study_name,
@@ -153,8 +154,8 @@ def evaluate_study(
 
 
 def _measure_speeds(
-    model: Any, tokenizer: Any, entries: list[dict[str, Any]], wanted: dict[str, Any],
-    save: Callable[[dict[str, Any]], None],
+    model: Any, tokenizer: Any, entries: list[dict[str, Any]], masks: dict[str, Sequence[int]],
+    wanted: dict[str, Any], save: Callable[[dict[str, Any]], None],
 ) -> None:
     """Speed of each entry not yet measured under ``wanted``; a pruned mask is timed side by side with
     the dense model (``compare_speed``), whose numbers also fill the dense entry if it has none."""
@@ -171,7 +172,7 @@ def _measure_speeds(
     dense, *pruned = entries
     for entry in pruned:
         if entry["settings"].get("speed") != wanted:
-            both = compare_speed(model, tokenizer, entry["dropped"], **options)
+            both = compare_speed(model, tokenizer, masks[entry_key(entry["trial"])], **options)
             record(entry, both["pruned"], both["prefill_speedup"], both["decode_speedup"], both["device"])
             if dense["settings"].get("speed") != wanted:
                 record(dense, both["dense"], 1.0, 1.0, both["device"])

@@ -8,6 +8,7 @@ normal safetensors folder with an updated config, the tokenizer and a model card
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,16 @@ def choose_trial(study: optuna.Study, trial: int | str | None = None) -> FrozenT
     return found
 
 
+def model_mask(study: optuna.Study, dropped: Sequence[int]) -> Sequence[int]:
+    """A trial's stored ``dropped`` list as ``layers.masked`` and ``save_pruned`` read it: unit
+    indices as :class:`~optuna_prune.layers.SubBlocks` in a sub-block study, else layer indices."""
+    from optuna_prune.layers import SubBlocks
+
+    if study.user_attrs.get("problem", {}).get("space") == "sublayers":
+        return SubBlocks(dropped)
+    return tuple(dropped)
+
+
 def trial_card(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
     """What a model card should say about where a mask came from and how good it was."""
     problem = study.user_attrs.get("problem", {})
@@ -83,7 +94,8 @@ def export_trial(
 
     The model is loaded from the study's recorded config (its model and dtype; on the CPU by default,
     which saving needs no more than), pruned with ``layers.save_pruned`` and saved with its tokenizer and
-    a model card listing the dropped layers, the source model and the search that chose them.
+    a model card listing the dropped layers, the source model and the search that chose them. A
+    sub-block study's half-dropped layers keep their shape with the dropped block's weights zeroed.
     """
     from optuna_prune.layers import save_pruned
     from optuna_prune.models import load_model
@@ -91,4 +103,5 @@ def export_trial(
     trial = choose_trial(study, trial_number)
     cfg = config_of(study)
     model, tokenizer = load_model(cfg.model, device=device, dtype=cfg.dtype)
-    return save_pruned(model, trial.user_attrs["dropped"], out_dir, tokenizer, trial_card(study, trial))
+    dropped = model_mask(study, trial.user_attrs["dropped"])
+    return save_pruned(model, dropped, out_dir, tokenizer, trial_card(study, trial))

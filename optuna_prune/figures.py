@@ -26,7 +26,7 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from optuna_prune.samplers import EvoPSampler, trial_loss, trial_mask
-from optuna_prune.space import METHOD_KEY, LayerMaskSpace
+from optuna_prune.space import METHOD_KEY, LayerMaskSpace, SubBlockSpace
 from optuna_prune.study import PROBLEM_ATTR, StudyMismatchError, best_by_method
 
 METHODS = (
@@ -55,7 +55,16 @@ def _problem(study: optuna.Study) -> dict[str, Any]:
 
 def _space(study: optuna.Study) -> LayerMaskSpace:
     problem = _problem(study)
-    return LayerMaskSpace(int(problem["num_layers"]), int(problem["num_drop"]))
+    space = SubBlockSpace if problem.get("space") == SubBlockSpace.granularity else LayerMaskSpace
+    return space(int(problem["num_layers"]), int(problem["num_drop"]))
+
+
+def _unit_axis(space: LayerMaskSpace) -> dict[str, Any]:
+    """x-axis settings for mask units: layer numbers, or each block's param name."""
+    if isinstance(space, SubBlockSpace):
+        return {"title_text": "attention / MLP block", "tickvals": list(range(space.num_layers)),
+                "ticktext": space.param_names}
+    return {"title_text": "decoder layer", "dtick": 1 if space.num_layers <= 40 else 5}
 
 
 def _method(trial: FrozenTrial) -> str:
@@ -229,7 +238,7 @@ def layer_drop_heatmap(study: optuna.Study) -> go.Figure:
         ), row=2, col=1)
         fig.update_yaxes(autorange="reversed", row=2, col=1)
     fig.update_yaxes(autorange="reversed", row=1, col=1)
-    fig.update_xaxes(dtick=1 if space.num_layers <= 40 else 5, title_text="decoder layer", row=n_panels, col=1)
+    fig.update_xaxes(**_unit_axis(space), row=n_panels, col=1)
     fig.update_layout(
         title=f"Which layers each method drops ({space.num_drop} of {space.num_layers}; {study.study_name})",
         coloraxis={"colorscale": "Blues", "cmin": 0, "cmax": 1, "colorbar": {"title": "dropped", "tickformat": ".0%"}},
@@ -290,8 +299,9 @@ def layer_importance(study: optuna.Study) -> go.Figure | None:
             hovertext=["exact" if e else "lower bound (stopped early)" for e in exact],
             hovertemplate="layer %{x}: %{y:.4f} (%{hovertext})<extra></extra>",
         ), row=row, col=1)
-    fig.update_xaxes(range=[-0.5, space.num_layers - 0.5], dtick=1 if space.num_layers <= 40 else 5)
-    fig.update_xaxes(title_text="decoder layer", row=len(panels), col=1)
+    axis = _unit_axis(space)
+    fig.update_xaxes(range=[-0.5, space.num_layers - 0.5], **{k: v for k, v in axis.items() if k != "title_text"})
+    fig.update_xaxes(title_text=axis["title_text"], row=len(panels), col=1)
     fig.update_layout(
         title=f"Layer importance ({study.study_name})", showlegend=False,
         height=200 + 260 * len(panels), template="plotly_white",

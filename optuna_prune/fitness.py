@@ -34,7 +34,14 @@ from torch import nn
 
 from optuna_prune.calibration import CalibrationSet
 from optuna_prune.devices import inference_mode
-from optuna_prune.layers import check_drop, find_layer_stack, lm_tail, masked
+from optuna_prune.layers import (
+    check_drop,
+    find_layer_stack,
+    lm_tail,
+    masked,
+    sub_block_names,
+    sub_blocks_dropped,
+)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -132,6 +139,8 @@ class Fitness(abc.ABC):
         verify: Check once that the layer-by-layer replay reproduces the model's logits.
         bound_fraction: Share of the vocabulary whose logits give the lower bound (0: no bound).
             1/16 costs ~4% of a full head and is within ~3% of the loss of a SLEB-quality mask.
+        sub_blocks: Masks index the 2L attention and MLP blocks (see ``layers.SubBlocks``), not
+            the L layers. The dense inputs, prefix cache and early stops work per layer as before.
     """
 
     name: str = "fitness"
@@ -145,6 +154,7 @@ class Fitness(abc.ABC):
         cache_bytes: int = 1 << 30,
         verify: bool = True,
         bound_fraction: float = 1 / 16,
+        sub_blocks: bool = False,
     ) -> None:
         if not 0 <= bound_fraction <= 1:
             raise ValueError(f"bound_fraction={bound_fraction} must be in [0, 1]; 0 turns the lower bound off")
@@ -152,6 +162,12 @@ class Fitness(abc.ABC):
         self.calibration = calibration
         self.stack = find_layer_stack(model)
         self.num_layers = self.stack.num_layers
+        self._per_layer = 2 if sub_blocks else 1  # mask units per layer
+        self.num_units = self.num_layers * self._per_layer
+        self._unit = "sub-block" if sub_blocks else "layer"
+        if sub_blocks:
+            for layer in self.stack.layers:
+                sub_block_names(layer)  # an unsupported layout fails here, not mid-search
         self.device = next(model.parameters()).device
         self._tail = lm_tail(model)
         vocab = self._tail.head.weight.shape[0] if self._tail.linear else 0
@@ -265,23 +281,31 @@ class Fitness(abc.ABC):
         return total / self.total_tokens
 
     # ---- masked passes ----------------------------------------------------------------------
+    def _bits(self, dropped: tuple[int, ...]) -> bytes:
+        return bytes(1 if i in dropped else 0 for i in range(self.num_units))
+
     def _hidden_after_layers(self, b: int, batch: _Batch, drop_bits: bytes) -> torch.Tensor:
         """Output of the last layer under the mask, resuming from the longest cached prefix."""
-        L = self.num_layers
-        first = drop_bits.index(1) if 1 in drop_bits else L
+        L, per = self.num_layers, self._per_layer
+        first = (drop_bits.index(1) if 1 in drop_bits else len(drop_bits)) // per
         start, hidden = first, batch.dense_inputs[first]
         for p in range(L, first, -1):
-            cached = self.cache.get((b, drop_bits[:p]))
+            cached = self.cache.get((b, drop_bits[: p * per]))
             if cached is not None:
                 start, hidden = p, cached
                 break
         layers = self.stack.layers
         for j in range(start, L):
-            if not drop_bits[j]:
-                hidden = _call_layer(layers[j], hidden, batch.layer_args[j])
+            parts = drop_bits[j * per : (j + 1) * per]
+            if not all(parts):
+                if any(parts):  # one of attention and MLP dropped
+                    with sub_blocks_dropped(layers[j], parts.index(1)) as layer:
+                        hidden = _call_layer(layer, hidden, batch.layer_args[j])
+                else:
+                    hidden = _call_layer(layers[j], hidden, batch.layer_args[j])
                 self.layer_forwards += 1
             if j + 1 < L:
-                self.cache.put((b, drop_bits[: j + 1]), hidden)
+                self.cache.put((b, drop_bits[: (j + 1) * per]), hidden)
         return hidden
 
     def _checked(self, dropped: tuple[int, ...], batch: _Batch, sums: list[float]) -> list[SampleLoss]:
@@ -295,8 +319,8 @@ class Fitness(abc.ABC):
 
     def iter_samples(self, dropped: Sequence[int]) -> Iterator[SampleLoss]:
         """Yield per-sample losses of the masked model as they are computed."""
-        dropped = check_drop(self.num_layers, dropped)
-        bits = bytes(1 if i in dropped else 0 for i in range(self.num_layers))
+        dropped = check_drop(self.num_units, dropped, self._unit)
+        bits = self._bits(dropped)
         for b, batch in enumerate(self._batches):
             if not dropped:
                 sums = batch.dense_loss_sums
@@ -308,7 +332,7 @@ class Fitness(abc.ABC):
 
     def evaluate(self, dropped: Sequence[int], stop_above: float | None = None) -> FitnessResult:
         """Mean per-token loss of the mask; stops exactly once it must exceed ``stop_above``."""
-        key = check_drop(self.num_layers, dropped)
+        key = check_drop(self.num_units, dropped, self._unit)
         known = self._memo.get(key)
         if known is not None and (known.complete or (stop_above is not None and known.value > stop_above)):
             return known
@@ -347,7 +371,7 @@ class Fitness(abc.ABC):
 
         Returns the exact samples and a lower bound of the loss sum (exact when all samples are).
         """
-        bits = bytes(1 if i in dropped else 0 for i in range(self.num_layers))
+        bits = self._bits(dropped)
         features: list[torch.Tensor] = []
         bounds: list[float] = []
         for b, batch in enumerate(self._batches):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,9 @@ _COUNT_ATTRS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 _NOT_PER_LAYER = frozenset({"architectures"})
 # Names the base models give the norm applied after the last decoder layer.
 _FINAL_NORMS = ("norm", "final_layer_norm", "ln_f", "final_layernorm", "norm_f", "final_norm")
+# Names decoder layers give their attention and MLP blocks, for sub-block drops.
+_ATTENTION_ATTRS = ("self_attn", "attn", "attention", "self_attention")
+_MLP_ATTRS = ("mlp", "feed_forward", "ffn")
 _STACK_KEY = "_optuna_prune_layer_stack"
 _MISSING = object()
 
@@ -118,24 +121,90 @@ def find_layer_stack(model: nn.Module) -> LayerStack:
     return stack
 
 
-def check_drop(num_layers: int, dropped: Sequence[int]) -> tuple[int, ...]:
-    """Validate layer indices to drop; return them sorted and de-duplicated.
+def check_drop(num_layers: int, dropped: Sequence[int], unit: str = "layer") -> tuple[int, ...]:
+    """Validate indices of layers (or other units) to drop; return them sorted and de-duplicated.
 
     Rejects negative and too-large indices (no Python-style wrap-around: a mask must mean one thing) and
-    masks that would leave no layer.
+    masks that would leave no unit.
     """
     indices = sorted({operator.index(i) for i in dropped})
     bad = [i for i in indices if not 0 <= i < num_layers]
     if bad:
         raise ValueError(
-            f"layer indices {bad} out of range: the model has {num_layers} layers, "
+            f"{unit} indices {bad} out of range: the model has {num_layers} {unit}s, "
             f"valid indices are 0..{num_layers - 1}"
         )
     if len(indices) >= num_layers:
         raise ValueError(
-            f"dropping {len(indices)} of {num_layers} layers would drop every layer; keep at least one"
+            f"dropping {len(indices)} of {num_layers} {unit}s would drop every {unit}; keep at least one"
         )
     return tuple(indices)
+
+
+class SubBlocks(tuple):
+    """Dropped sub-blocks: unit ``2 l`` is layer ``l``'s attention, ``2 l + 1`` its MLP.
+
+    A sorted tuple of unit indices whose type tells :func:`masked`, :func:`save_pruned` and the
+    fitness to read it per sub-block, not per layer. A layer with both units dropped is dropped.
+    """
+
+    def __new__(cls, units: Sequence[int]) -> SubBlocks:
+        return super().__new__(cls, sorted({operator.index(u) for u in units}))
+
+    def layers(self) -> tuple[int, ...]:
+        """The layers whose attention and MLP are both dropped."""
+        return tuple(u // 2 for u in self if u % 2 == 0 and u + 1 in self)
+
+    def halves(self) -> dict[int, int]:
+        """Layer -> the one part it loses (0: attention, 1: MLP), for layers that keep the other."""
+        full = set(self.layers())
+        return {u // 2: u % 2 for u in self if u // 2 not in full}
+
+
+def sub_block_names(layer: nn.Module) -> tuple[str, str]:
+    """The attribute names of a decoder layer's attention and MLP blocks."""
+    names = []
+    for options in (_ATTENTION_ATTRS, _MLP_ATTRS):
+        found = next((n for n in options if isinstance(getattr(layer, n, None), nn.Module)), None)
+        if found is None:
+            raise UnsupportedModelError(
+                f"{type(layer).__name__} has none of {', '.join(options)}: sub-block pruning needs a "
+                "decoder layer with named attention and MLP blocks (Llama, Mistral, Qwen, Gemma, GPT-2, ...)"
+            )
+        names.append(found)
+    return names[0], names[1]
+
+
+class _ZeroBlock(nn.Module):
+    """Stands in for a dropped attention or MLP block: adds nothing to the residual stream.
+
+    Attention blocks return ``(output, weights)`` in transformers, MLPs a tensor. Only the hidden
+    state's shape is read, so the block costs nothing.
+    """
+
+    def __init__(self, attention: bool) -> None:
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        zero = torch.zeros_like(hidden)
+        return (zero, None) if self.attention else zero
+
+
+_ZERO_BLOCKS = (_ZeroBlock(attention=True), _ZeroBlock(attention=False))
+
+
+@contextmanager
+def sub_blocks_dropped(layer: nn.Module, part: int) -> Iterator[nn.Module]:
+    """Run one decoder layer without its attention (``part`` 0) or MLP (1), e.g. in a fitness."""
+    name = sub_block_names(layer)[part]
+    module = layer._modules[name]
+    layer._modules[name] = _ZERO_BLOCKS[part]
+    try:
+        yield layer
+    finally:
+        layer._modules[name] = module
 
 
 def _apply(stack: LayerStack, kept: Sequence[int]) -> Callable[[], None]:
@@ -191,9 +260,27 @@ def masked(model: PreTrainedModel, dropped: Sequence[int]) -> Iterator[PreTraine
 
     While masked the model behaves like a pruned one, including `generate()` with a KV cache: the config's
     layer count and per-layer lists (e.g. `layer_types`) are sliced and layer indices renumbered.
+    :class:`SubBlocks` also stand in a zero block for each dropped attention or MLP of a kept layer
+    (for scoring: a KV cache skips those attentions, so do not `generate()` with them).
     """
     stack = _unmasked_stack(model)
-    undo = _apply(stack, _kept(stack.num_layers, dropped))
+    if isinstance(dropped, SubBlocks):
+        check_drop(2 * stack.num_layers, dropped, "sub-block")
+        zeroed = ExitStack()
+        for layer_index, part in dropped.halves().items():
+            zeroed.enter_context(sub_blocks_dropped(stack.layers[layer_index], part))
+        undo_halves = zeroed.close
+        try:
+            undo_layers = _apply(stack, _kept(stack.num_layers, dropped.layers()))
+        except BaseException:
+            undo_halves()
+            raise
+
+        def undo() -> None:
+            undo_layers()
+            undo_halves()
+    else:
+        undo = _apply(stack, _kept(stack.num_layers, dropped))
     stack._undo = undo
     try:
         yield model
@@ -224,6 +311,10 @@ def save_pruned(
     """
     stack = _unmasked_stack(model)
     total = stack.num_layers
+    blocks = None
+    if isinstance(dropped, SubBlocks):
+        blocks = SubBlocks(check_drop(2 * total, dropped, "sub-block"))
+        dropped = blocks.layers()
     drop = check_drop(total, dropped)
     config = _decoder_config(model)
     if getattr(config, "scale_attn_by_inverse_layer_idx", False):
@@ -233,6 +324,8 @@ def save_pruned(
             "reloading would rescale the renumbered layers"
         )
     source = getattr(model.config, "name_or_path", "") or type(model).__name__
+    if blocks is not None:
+        extra_card = {**_zero_halves(stack, blocks.halves()), **(extra_card or {})}
     prune_model(model, drop)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -241,6 +334,23 @@ def save_pruned(
         tokenizer.save_pretrained(out)
     (out / "README.md").write_text(_model_card(source, total, drop, extra_card or {}), encoding="utf-8")
     return out
+
+
+def _zero_halves(stack: LayerStack, halves: dict[int, int]) -> dict[str, list[int]]:
+    """Zero every weight of each dropped attention or MLP of a kept layer; what the card says of it.
+
+    With all of its weights (and biases) zero, an attention's values and output projection are
+    zero, and so is an MLP's down projection: the block adds exactly nothing to the residual
+    stream, in a checkpoint plain transformers loads. It still costs its compute at inference.
+    """
+    zeroed: dict[str, list[int]] = {"attention zeroed in layers": [], "MLP zeroed in layers": []}
+    with torch.no_grad():
+        for layer_index, part in sorted(halves.items()):
+            block = stack.layers[layer_index].get_submodule(sub_block_names(stack.layers[layer_index])[part])
+            for param in block.parameters():
+                param.zero_()
+            zeroed[list(zeroed)[part]].append(layer_index)
+    return {k: v for k, v in zeroed.items() if v}
 
 
 def _model_card(source: str, total: int, dropped: tuple[int, ...], extra: dict[str, Any]) -> str:

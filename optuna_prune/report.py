@@ -81,10 +81,12 @@ def _problem_section(study: optuna.Study) -> str:
         counts[t.state.name.lower()] += 1
     versions = study.user_attrs.get("versions") or {}
     sha = str(p.get("calibration_sha256") or "")
+    blocks = p.get("space") == "sublayers"  # num_drop counts attention and MLP blocks
     rows = [
         ("model", p.get("model", "–")),
-        ("layers dropped", f"{p.get('num_drop')} of {p.get('num_layers')} "
-                           f"(sparsity {100 * float(p.get('sparsity') or 0):.1f}%)"),
+        ("blocks dropped" if blocks else "layers dropped",
+         f"{p.get('num_drop')} of {int(p.get('num_layers') or 0) * (2 if blocks else 1)} "
+         f"(sparsity {100 * float(p.get('sparsity') or 0):.1f}%)"),
         ("calibration", f"{p.get('calibration')}: {p.get('n_samples')} samples × {p.get('seq_len')} tokens"
                         + (f", sha256 {sha[:12]}…" if sha else "")),
         ("CCDS clusters", p.get("ccds_clusters") or "off"),

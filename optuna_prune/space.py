@@ -2,8 +2,9 @@
 
 A candidate is a set of dropped layer indices, or equivalently a boolean mask of length L. Every
 sampler proposes it as one categorical parameter per layer (``layer_07 = 1`` means "dropped"), so
-the dashboard, ``trials_dataframe`` and ``enqueue_trial`` all speak the same language. This module
-also names the trial attributes through which samplers talk to the objective.
+the dashboard, ``trials_dataframe`` and ``enqueue_trial`` all speak the same language.
+:class:`SubBlockSpace` does the same over the 2L attention and MLP blocks. This module also names
+the trial attributes through which samplers talk to the objective.
 """
 
 from __future__ import annotations
@@ -218,9 +219,62 @@ class LayerMaskSpace:
             "protected": list(self.protected),
         }
 
+    def ends(self) -> tuple[int, ...]:
+        """The units of the first and the last layer (SLEB keeps them)."""
+        return (0, self.num_layers - 1)
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LayerMaskSpace:
+        """The space ``to_dict`` described (a :class:`SubBlockSpace` where it says so)."""
+        if cls is LayerMaskSpace and data.get("granularity") == SubBlockSpace.granularity:
+            cls = SubBlockSpace
         return cls(int(data["num_layers"]), int(data["num_drop"]), data.get("protected", ()))
+
+
+class SubBlockSpace(LayerMaskSpace):
+    """Exact-k subsets of the 2L sub-blocks of L decoder layers: attention and MLP drop separately.
+
+    Unit ``2 l`` is layer ``l``'s attention, ``2 l + 1`` its MLP; a layer with both dropped is gone.
+    Attention blocks are often cheaper to lose than MLPs, so at the same count of dropped units a
+    search can keep more of the model's quality than whole-layer drops. Every mask sampler works on
+    it unchanged. ``num_layers``, ``num_drop`` and ``protected`` inherited from LayerMaskSpace count
+    units; ``n_layers`` and ``protected_layers`` are the layer-level values. Params are
+    ``layer_07_attn`` and ``layer_07_mlp``.
+    """
+
+    granularity = "sublayers"
+    PARTS = ("attn", "mlp")
+
+    def __init__(self, num_layers: int, num_drop: int, protected: Sequence[int] = ()) -> None:
+        if isinstance(num_layers, bool) or not isinstance(num_layers, (int, np.integer)):
+            raise SpaceError(f"num_layers={num_layers!r} is not an integer")
+        layers = tuple(sorted({int(i) for i in protected}))
+        bad = [i for i in layers if not 0 <= i < num_layers]
+        if bad:
+            raise SpaceError(f"protected layers {bad} are outside 0..{num_layers - 1}; fix the protected list")
+        super().__init__(2 * int(num_layers), num_drop, [2 * i + p for i in layers for p in (0, 1)])
+        self.n_layers = int(num_layers)
+        self.protected_layers = layers
+        width = max(2, len(str(self.n_layers)))
+        self.param_names = [f"layer_{i:0{width}d}_{part}" for i in range(self.n_layers) for part in self.PARTS]
+        self._index = {name: i for i, name in enumerate(self.param_names)}
+
+    def __repr__(self) -> str:
+        return (
+            f"SubBlockSpace(num_layers={self.n_layers}, num_drop={self.num_drop}, "
+            f"protected={list(self.protected_layers)})"
+        )
+
+    def ends(self) -> tuple[int, ...]:
+        return (0, 1, self.num_layers - 2, self.num_layers - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "granularity": self.granularity,
+            "num_layers": self.n_layers,
+            "num_drop": self.num_drop,
+            "protected": list(self.protected_layers),
+        }
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import torch
 from transformers import PreTrainedModel
 
 from optuna_prune.devices import inference_mode
-from optuna_prune.layers import masked
+from optuna_prune.layers import SubBlocks, masked
 
 
 @contextmanager
@@ -149,7 +149,11 @@ def compare_speed(
     """Dense and pruned speed measured side by side, and the pruned model's speedups (dense time / pruned).
 
     Returns ``{"dense": {...}, "pruned": {...}, "prefill_speedup", "decode_speedup", "device", ...}``.
+    For :class:`~optuna_prune.layers.SubBlocks`, only the layers dropped whole are left out: the
+    exported checkpoint runs its zeroed attention and MLP blocks at full cost.
     """
+    if isinstance(dropped, SubBlocks):
+        dropped = dropped.layers()
     (dense, pruned), setup = _measure(
         model, tokenizer, [(), tuple(dropped)], prompt_tokens, new_tokens, repeats, warmup, threads
     )

@@ -34,7 +34,13 @@ from optuna.trial import TrialState
 from optuna_prune import __version__
 from optuna_prune.config import ConfigError, SearchConfig
 from optuna_prune.samplers import sleb_result, trial_mask
-from optuna_prune.space import METHOD_KEY, LayerMaskSpace, SpaceError, resolve_num_drop
+from optuna_prune.space import (
+    METHOD_KEY,
+    LayerMaskSpace,
+    SpaceError,
+    SubBlockSpace,
+    resolve_num_drop,
+)
 
 DEFAULT_STORAGE = "sqlite:///optuna_prune.db"
 PROBLEM_ATTR = "problem"
@@ -116,7 +122,10 @@ def problem_of(cfg: SearchConfig, model_id: str, num_layers: int, num_drop: int,
     if cfg.space == "rates":  # num_drop counts MLP-width units of 1/rate_resolution over all layers
         problem.update(space="rates", rate_resolution=cfg.rate_resolution,
                        sparsity=round(num_drop / (num_layers * cfg.rate_resolution), 4))
+    if cfg.space == "sublayers":  # num_drop counts attention and MLP blocks, 2 per layer
+        problem.update(space="sublayers", sparsity=round(num_drop / (2 * num_layers), 4))
     return problem
+
 
 
 def default_study_name(problem: dict[str, Any]) -> str:
@@ -124,8 +133,9 @@ def default_study_name(problem: dict[str, Any]) -> str:
     model = Path(str(problem["model"])).name or str(problem["model"])
     calib = Path(str(problem["calibration"])).stem
     ccds = f"-ccds{problem['ccds_clusters']}" if problem["ccds_clusters"] else ""
-    kind = "rates" if problem.get("space") == "rates" else "drop"
-    units = problem["num_layers"] * problem.get("rate_resolution", 1)
+    kind = {"rates": "rates", "sublayers": "blocks"}.get(problem.get("space"), "drop")
+    per_layer = {"rates": problem.get("rate_resolution", 1), "sublayers": 2}.get(problem.get("space"), 1)
+    units = problem["num_layers"] * per_layer
     return f"{model}-{kind}{problem['num_drop']}of{units}-{calib}{ccds}-{problem['fitness']}"
 
 
@@ -432,11 +442,13 @@ class SearchSetup:
 
 
 def make_space(cfg: SearchConfig, num_layers: int) -> LayerMaskSpace:
-    """The candidates a config searches: exact-k layer masks, or per-layer width rates (a RateSpace)."""
+    """The candidates a config searches: exact-k layer or sub-block masks, or per-layer width rates."""
     if cfg.space == "rates":
         from optuna_prune.rate_space import RateSpace
 
         return RateSpace.for_sparsity(num_layers, cfg.sparsity, resolution=cfg.rate_resolution)
+    if cfg.space == "sublayers":
+        return SubBlockSpace(num_layers, resolve_num_drop(2 * num_layers, cfg.sparsity, cfg.drop))
     return LayerMaskSpace(num_layers, resolve_num_drop(num_layers, cfg.sparsity, cfg.drop))
 
 
@@ -563,13 +575,14 @@ def prepare(cfg: SearchConfig, new_study: bool = False, record_config: bool = Tr
         )
     else:
         fitness = make_fitness(
-            cfg.fitness, model, calibration, batch_size=cfg.batch_size, cache_bytes=cfg.cache_mb << 20
+            cfg.fitness, model, calibration, batch_size=cfg.batch_size, cache_bytes=cfg.cache_mb << 20,
+            sub_blocks=cfg.space == "sublayers",
         )
     if cfg.sampler == "darwin":
         from optuna_prune.darwin import make_darwin_objective
 
         objective = make_darwin_objective(cfg, fitness, space, tokenizer)
-    elif cfg.space == "layers":
+    elif cfg.space != "rates":
         objective = MaskObjective(
             fitness, space, method=cfg.sampler, cluster_ids=calibration.cluster_ids,
             mode=cfg.objective_mode, invalid=cfg.invalid_masks,

@@ -97,7 +97,7 @@ class SLEBSampler(MaskSampler):
     ) -> None:
         super().__init__(space, seed=seed)
         self._protect_ends = bool(protect_ends)
-        ends = {0, space.num_layers - 1} if protect_ends else set()
+        ends = set(space.ends()) if protect_ends else set()
         # Raises SpaceError when k layers cannot be dropped without the ends.
         self._greedy = LayerMaskSpace(
             space.num_layers, space.num_drop, sorted(set(space.protected) | ends)
