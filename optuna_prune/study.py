@@ -34,6 +34,7 @@ from optuna.trial import TrialState
 from optuna_prune import __version__
 from optuna_prune.config import ConfigError, SearchConfig
 from optuna_prune.samplers import sleb_result, trial_mask
+from optuna_prune.samplers.base import storage_backend
 from optuna_prune.space import (
     METHOD_KEY,
     LayerMaskSpace,
@@ -341,7 +342,7 @@ def fail_orphaned_trials(study: optuna.Study) -> None:
 
 def _beating_rdb(study: optuna.Study) -> RDBStorage | None:
     """The study's RDB storage (unwrapped from optuna's cache) if it records heartbeats, else None."""
-    storage = getattr(study._storage, "_backend", study._storage)
+    storage = storage_backend(study._storage)
     return storage if isinstance(storage, RDBStorage) and is_heartbeat_enabled(storage) else None
 
 

@@ -108,13 +108,18 @@ def _beat(study: Study, trial: FrozenTrial) -> None:
         study._storage.record_heartbeat(trial._trial_id)
 
 
+def storage_backend(storage: BaseStorage) -> BaseStorage:
+    """The storage that ``storage`` stands for: optuna wraps RDB storage in a private cache."""
+    return getattr(storage, "_backend", storage)
+
+
 def _shared(storage: BaseStorage) -> bool:
     """Whether other processes may write ``storage`` (a database server, a journal file, gRPC).
 
     In-memory storage is one process's; so is SQLite, whose studies refuse a second live process
     (``study.refuse_concurrent_sqlite``).
     """
-    backend = getattr(storage, "_backend", storage)  # unwrap optuna's _CachedStorage
+    backend = storage_backend(storage)
     if isinstance(backend, InMemoryStorage):
         return False
     return not (isinstance(backend, RDBStorage) and backend.engine.dialect.name == "sqlite")
