@@ -1,8 +1,8 @@
 """Search quality at equal wall time: which method finds the best mask fastest, on the real SmolLM2-135M.
 
 For each sparsity and seed, SLEB greedy runs first (C4 calibration windows, perplexity fitness); the
-time its search took becomes every other method's time budget (``timeout``): EvoP scoring every
-candidate on all samples, EvoP with multi-fidelity selection (the default), the EvoPress-style
+time its search took becomes every other method's time budget (``timeout``; ``--budget-factor``
+scales it): EvoP scoring every candidate on all samples, EvoP with multi-fidelity selection (the default), the EvoPress-style
 level-switch sampler (also multi-fidelity), random exact-k search, and ShortGPT (one evaluation);
 ``--methods`` adds ``evop+mf+seed`` and ``levelswitch+seed``, whose generation 0 holds ShortGPT's mask
 (free: block influence comes from the dense pass the fitness makes anyway), ``sleb+mf`` (SLEB whose
@@ -126,6 +126,8 @@ def main() -> None:
     parser.add_argument("--n-samples", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--windows", type=int, default=16, help="held-out windows of 512 tokens per dataset")
+    parser.add_argument("--budget-factor", type=float, default=1.0,
+                        help="each method's budget in multiples of SLEB's time (above 1: does a longer search beat SLEB?)")
     parser.add_argument("--storage", default="sqlite:///runs/search_quality.db")
     parser.add_argument("--out", default="runs/search_quality.json")
     args = parser.parse_args()
@@ -155,7 +157,7 @@ def main() -> None:
                 study=f"sq-{sparsity}-seed{seed}-{datetime.now():%m%d%H%M%S}",
             )
             results = [run_method(base, "sleb", None)]
-            budget = results[0]["search_seconds"]
+            budget = args.budget_factor * results[0]["search_seconds"]
             for label in args.methods[1:]:
                 results.append(run_method(base, label, None if label == "shortgpt" else budget))
                 print(f"{sparsity:.0%} seed {seed} {label}: ppl {results[-1]['calibration_ppl']:.2f} "
