@@ -2,8 +2,9 @@
 
 For each sparsity and seed, SLEB greedy runs first (C4 calibration windows, perplexity fitness); the
 time its search took becomes every other method's time budget (``timeout``; ``--budget-factor``
-scales it): EvoP scoring every candidate on all samples, EvoP with multi-fidelity selection (the default), the EvoPress-style
-level-switch sampler (also multi-fidelity), random exact-k search, and ShortGPT (one evaluation);
+scales it): EvoP scoring every candidate on all samples, EvoP with multi-fidelity selection (the
+default), the EvoPress-style level-switch sampler (also multi-fidelity), random exact-k search, and
+ShortGPT (one evaluation);
 ``--methods`` adds ``evop+mf+seed`` and ``levelswitch+seed``, whose generation 0 holds ShortGPT's mask
 (free: block influence comes from the dense pass the fitness makes anyway), ``sleb+mf`` (SLEB whose
 candidates are ranked within their greedy step after 1 and 2 samples, only the best scored on all),
