@@ -12,7 +12,7 @@ import transformers as tf
 from optuna.trial import TrialState
 
 from optuna_prune.cli import main
-from optuna_prune.config import SearchConfig
+from optuna_prune.config import SearchConfig, load_config
 from optuna_prune.fitness import PerplexityFitness
 from optuna_prune.samplers import PARENTS_KEY, EvoPSampler
 from optuna_prune.space import LayerMaskSpace
@@ -90,6 +90,12 @@ def test_bad_input_gives_one_line_error(tiny_checkpoint, tmp_path, bad_files, ca
     err = one_line_error(capsys, main(base + [a.format(bad=bad_files) for a in args]))
     assert message in err
     assert no_study(db)  # never a half-written study
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "studies").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_study_configs_pass_validation(path: Path) -> None:
+    """The ready configs in studies/ go through the same checks as a user's file (keys, ranges, sampler x space)."""
+    assert load_config(path).model  # a ConfigError here names the bad key or value
 
 
 def test_unknown_study_for_worker_and_show(tiny_checkpoint, tmp_path, capsys):
