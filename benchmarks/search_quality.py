@@ -75,12 +75,18 @@ METHODS: dict[str, list[tuple[str, dict[str, Any]]]] = {
 }
 
 
-def run_method(base: SearchConfig, label: str, timeout: float | None) -> dict[str, Any]:
-    """Run one method in its own study; its trajectory of best-so-far loss against seconds since start."""
+def run_method(
+    base: SearchConfig, label: str, timeout: float | None,
+    phases: list[tuple[str, dict[str, Any]]] | None = None,
+) -> dict[str, Any]:
+    """Run one method in its own study; its trajectory of best-so-far loss against seconds since start.
+
+    ``phases`` defaults to ``METHODS[label]``; other benchmarks pass their own.
+    """
     started = {"wall": datetime.now(), "clock": time.perf_counter()}
     search_start: dict[str, float] = {}
     study: optuna.Study | None = None
-    for sampler, changes in METHODS[label]:
+    for sampler, changes in phases or METHODS[label]:
         left = None if timeout is None else timeout - (time.perf_counter() - search_start.get("t", started["clock"]))
         unseeded = "sleb" in changes.get("seed_with", ()) and (study is None or sleb_result(study) is None)
         if (left is not None and left <= 0) or unseeded:
