@@ -38,7 +38,7 @@ from transformers import PreTrainedModel
 from optuna_prune.calibration import CalibrationSet
 from optuna_prune.devices import inference_mode, pick_device, pick_dtype
 from optuna_prune.fitness import FitnessResult, NonFiniteLossError, SampleLoss
-from optuna_prune.layers import UnsupportedModelError, find_layer_stack
+from optuna_prune.layers import UnsupportedModelError, find_layer_stack, output_folder
 from optuna_prune.models import ModelNotFoundError
 
 SIZES_KEY = "optuna_prune_intermediate_sizes"
@@ -173,11 +173,6 @@ def save_width_pruned(
     source = getattr(model.config, "name_or_path", "") or type(model).__name__
     before = intermediate_sizes(model)
     prune_channels(model, keep)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
     after = intermediate_sizes(model)
     params = sum(p.numel() for p in model.parameters())
     lines = [
@@ -190,8 +185,12 @@ def save_width_pruned(
         "Made with optuna-prune. Load with `optuna_prune.width.load_width_pruned(path)`: the config records",
         f"each layer's MLP width in `{SIZES_KEY}`, which plain `from_pretrained` does not read.", "",
     ]
-    (out / "README.md").write_text("\n".join(lines), encoding="utf-8")
-    return out
+    with output_folder(out_dir) as out:
+        model.save_pretrained(out)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
+        (out / "README.md").write_text("\n".join(lines), encoding="utf-8")
+    return Path(out_dir)
 
 
 def load_width_pruned(
