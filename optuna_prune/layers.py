@@ -446,6 +446,42 @@ class LMTail:
         return self.logits(self.features(hidden))
 
 
+class _KeepFeatures(nn.Module):
+    """Stands in for the LM head: keeps what the head would read and returns it instead of logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features: torch.Tensor | None = None
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        self.features = features
+        return features
+
+
+def model_features(model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
+    """The model's forward pass up to the LM head: what ``lm_head`` reads, ``[B, T, H]``.
+
+    The head is swapped out for the call, so the pass never holds ``[B, T, vocab]`` logits (2 GB for
+    four 512-token windows of a 262k vocabulary); :class:`LMTail` turns chunks of these features into
+    logits. Works with any layout, since the model's own forward does the norm and projection.
+    """
+    head = model.get_output_embeddings()
+    path = next((name for name, module in model.named_modules() if module is head), None)
+    if head is None or not path:
+        raise UnsupportedModelError(f"{type(model).__name__} has no output embeddings (lm_head)")
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    keep = _KeepFeatures()
+    parent._modules[attr] = keep
+    try:
+        model(input_ids=input_ids, use_cache=False)
+    finally:
+        parent._modules[attr] = head
+    if keep.features is None:
+        raise UnsupportedModelError(f"the forward pass of {type(model).__name__} did not call its lm_head")
+    return keep.features
+
+
 def lm_tail(model: PreTrainedModel) -> LMTail:
     """The model's own map from the last decoder layer's output to logits (see :class:`LMTail`)."""
     base = find_layer_stack(model).parent

@@ -231,7 +231,7 @@ def _resolve(name: str) -> tuple[str, dict[str, Any], str]:
         hint = local_hint if name in SHORT_NAMES else "check that it is a complete, valid GGUF file"
         try:
             folder = SHORT_NAMES[name]() if name in SHORT_NAMES else gguf_checkpoint(path)
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, NotImplementedError) as err:  # NotImplemented: an unknown GGUF layout
             if isinstance(err, ModelNotFoundError):
                 raise
             raise _cannot_load(name, err, hint) from err

@@ -31,14 +31,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
 from optuna_prune.calibration import CalibrationSet
 from optuna_prune.devices import inference_mode, pick_device, pick_dtype
-from optuna_prune.fitness import FitnessResult, NonFiniteLossError, SampleLoss
-from optuna_prune.layers import UnsupportedModelError, find_layer_stack, output_folder
+from optuna_prune.fitness import FitnessResult, NonFiniteLossError, SampleLoss, token_losses
+from optuna_prune.layers import (
+    UnsupportedModelError,
+    find_layer_stack,
+    lm_tail,
+    model_features,
+    output_folder,
+)
 from optuna_prune.models import ModelNotFoundError
 
 SIZES_KEY = "optuna_prune_intermediate_sizes"
@@ -257,6 +262,7 @@ class WidthFitness:
         ids = calibration.input_ids
         self.total_tokens = ids.shape[0] * (ids.shape[1] - 1)
         self.layer_forwards = 0
+        self._tail = lm_tail(model)
 
     def kept(self, units: Sequence[int]) -> list[torch.Tensor]:
         """The channels each layer keeps under ``units``."""
@@ -270,8 +276,7 @@ class WidthFitness:
         with channels_masked(self.model, self.kept(units)), inference_mode(self.device):
             for i, row in enumerate(ids):
                 row = row.to(self.device)
-                logits = self.model(input_ids=row[None], use_cache=False).logits[0, :-1].float()
-                loss = float(F.cross_entropy(logits, row[1:], reduction="sum"))
+                loss = float(token_losses(self._tail, model_features(self.model, row[None]), row[None]).sum())
                 if not math.isfinite(loss):
                     raise NonFiniteLossError(f"loss of units {list(units)} is {loss} on calibration sample {i}")
                 samples.append(SampleLoss(i, loss, ids.shape[1] - 1))

@@ -34,7 +34,9 @@ def write_gguf(model: PreTrainedModel, path: Path) -> Path:
     if config.vocab_size != 256:
         raise ValueError(f"write_gguf writes a 256-byte vocabulary; the model has {config.vocab_size}")
     writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_name(config.model_type)  # transformers reads a "llama" file named "mistral" as Mistral
+    # Named like real files ("Mistral-7B-Instruct-v0.3"): transformers reads a Mistral file as Llama, as
+    # llama.cpp does. Named exactly "mistral", it maps it to a Mistral model and then fails to load it.
+    writer.add_name(f"tiny-{config.model_type}")
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
