@@ -22,6 +22,7 @@ Everything here is model side: it knows nothing of Optuna.
 from __future__ import annotations
 
 import abc
+import functools
 import math
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -31,17 +32,24 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from optuna_prune.calibration import CalibrationSet
 from optuna_prune.devices import inference_mode
 from optuna_prune.layers import (
+    LMTail,
     check_drop,
     find_layer_stack,
     lm_tail,
     masked,
+    model_features,
     sub_block_names,
     sub_blocks_dropped,
 )
+
+# Bytes of one chunk of fp32 logits: with a 262k vocabulary, 64 positions at a time. Memory then
+# grows with the hidden size per token, not the vocabulary size.
+LOGIT_CHUNK_BYTES = 1 << 26
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -191,15 +199,19 @@ class Fitness(abc.ABC):
         for batch in self._batches:
             self._record_batch(batch)
             with inference_mode(self.device):
-                logits = self._tail(batch.dense_inputs[-1])
-                sums = self._loss_sums(logits, batch, dense=True)
+                features = self._tail.features(batch.dense_inputs[-1])
+                sums = self._loss_sums(features, batch, dense=True)
                 if self._bound_rows:
-                    self._prepare_bound(logits, batch)
+                    self._prepare_bound(features, batch)
             batch.dense_loss_sums = [float(s) for s in sums]
 
-    def _prepare_bound(self, dense_logits: torch.Tensor, batch: _Batch) -> None:
+    def _prepare_bound(self, dense_features: torch.Tensor, batch: _Batch) -> None:
         """Pick the bound's rows: every target token, then the tokens the dense model expects most."""
-        mass = torch.softmax(dense_logits[:, :-1].float(), dim=-1).sum(dim=(0, 1))
+        flat = dense_features[:, :-1].reshape(-1, dense_features.shape[-1])
+        mass = sum(
+            torch.softmax(self._tail.logits(flat[s : s + rows]).float(), dim=-1).sum(dim=0)
+            for s, rows in _chunks(self._tail, len(flat))
+        )
         targets = batch.input_ids[:, 1:].to(mass.device)
         mass[targets.reshape(-1)] = math.inf
         n_targets = int(torch.unique(targets).numel())
@@ -234,7 +246,7 @@ class Fitness(abc.ABC):
         handles.append(layers[-1].register_forward_hook(post_hook))
         try:
             with inference_mode(self.device):
-                self.model(input_ids=batch.input_ids.to(self.device), use_cache=False)
+                model_features(self.model, batch.input_ids.to(self.device))
         finally:
             for h in handles:
                 h.remove()
@@ -247,10 +259,17 @@ class Fitness(abc.ABC):
     def _verify(self) -> None:
         """Check that replaying layers + tail reproduces the model's own logits (catches odd layouts)."""
         batch = self._batches[0]
+        ids = batch.input_ids.to(self.device)
         with inference_mode(self.device):
-            logits = self.model(input_ids=batch.input_ids.to(self.device), use_cache=False).logits
-            replay = self._tail(batch.dense_inputs[-1])
-        if not torch.allclose(logits.float(), replay.float(), rtol=1e-3, atol=1e-3):
+            features = model_features(self.model, ids)
+            replay = self._tail.features(batch.dense_inputs[-1])
+            # The model's own logits of the first few positions (a causal LM's do not depend on later
+            # tokens) check the head and any softcap without a [B, T, vocab] tensor.
+            head = self.model(input_ids=ids[:, :8], use_cache=False).logits
+            same = torch.allclose(features.float(), replay.float(), rtol=1e-3, atol=1e-3) and torch.allclose(
+                head.float(), self._tail.logits(replay[:, :8]).float(), rtol=1e-3, atol=1e-3
+            )
+        if not same:
             raise RuntimeError(
                 f"{type(self.model).__name__}: layer-by-layer replay does not reproduce the model's "
                 "forward pass; this architecture is unsupported"
@@ -263,8 +282,8 @@ class Fitness(abc.ABC):
 
     # ---- loss -------------------------------------------------------------------------------
     @abc.abstractmethod
-    def _loss_sums(self, logits: torch.Tensor, batch: _Batch, dense: bool = False) -> torch.Tensor:
-        """Per-sample sums of the non-negative per-token loss, shape [batch]."""
+    def _loss_sums(self, features: torch.Tensor, batch: _Batch, dense: bool = False) -> torch.Tensor:
+        """Per-sample sums of the non-negative per-token loss, shape [batch], from the head's input."""
 
     def _has_bound(self) -> bool:
         """Whether this fitness defines ``_bound_sums``."""
@@ -327,7 +346,7 @@ class Fitness(abc.ABC):
             else:
                 with inference_mode(self.device):
                     hidden = self._hidden_after_layers(b, batch, bits)
-                    sums = self._loss_sums(self._tail(hidden), batch).tolist()
+                    sums = self._loss_sums(self._tail.features(hidden), batch).tolist()
             yield from self._checked(dropped, batch, sums)
 
     def evaluate(self, dropped: Sequence[int], stop_above: float | None = None) -> FitnessResult:
@@ -385,7 +404,7 @@ class Fitness(abc.ABC):
         lower = sum(bounds)
         for b, batch in enumerate(self._batches):
             with inference_mode(self.device):
-                exact = self._checked(dropped, batch, self._loss_sums(self._tail.logits(features[b]), batch).tolist())
+                exact = self._checked(dropped, batch, self._loss_sums(features[b], batch).tolist())
             samples.extend(exact)
             lower += sum(s.loss_sum for s in exact) - bounds[b]
             if len(samples) < len(self.calibration.input_ids) and lower > limit:
@@ -393,16 +412,57 @@ class Fitness(abc.ABC):
         return samples, lower
 
 
-def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Per-token NLL ``[B, T - 1]`` of next-token predictions, in fp32.
+def _vocab(tail: LMTail) -> int:
+    return getattr(tail.head, "out_features", None) or tail.head.weight.shape[0]
 
-    Computed on rows of ``[tokens, vocab]``: 3-5x faster on CPU than cross-entropy over the
-    class-dim-1 layout of a transposed ``[B, vocab, T]`` tensor.
+
+def _chunks(tail: LMTail, n: int, max_bytes: int | None = None) -> Iterator[tuple[int, int]]:
+    """``(start, length)`` of chunks of ``n`` positions whose fp32 logits fit in ``max_bytes``."""
+    max_bytes = LOGIT_CHUNK_BYTES if max_bytes is None else max_bytes
+    rows = max(8, max_bytes // (4 * _vocab(tail)))  # a single row takes a slower, differently rounded path
+    for s in range(0, n, rows):
+        yield s, min(rows, n - s)
+
+
+def _nll_rows(tail: LMTail, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(tail.logits(features).float(), targets, reduction="none")
+
+
+def _kl_rows(tail: LMTail, features: torch.Tensor, dense: torch.Tensor, dense_is_log_probs: bool) -> torch.Tensor:
+    logq = torch.log_softmax(tail.logits(features).float(), dim=-1)
+    logp = dense if dense_is_log_probs else torch.log_softmax(tail.logits(dense).float(), dim=-1)
+    # Clamp rounding noise: KL is non-negative per token, which the exact early stops rely on.
+    return F.kl_div(logq, logp, log_target=True, reduction="none").sum(dim=-1).clamp_min(0)
+
+
+def token_losses(
+    tail: LMTail,
+    features: torch.Tensor,
+    input_ids: torch.Tensor,
+    dense: torch.Tensor | None = None,
+    dense_is_log_probs: bool = False,
+    max_bytes: int | None = None,
+) -> torch.Tensor:
+    """Per-token loss ``[B, T - 1]`` of next-token predictions, in fp32, from the head's input ``features``.
+
+    NLL of ``input_ids`` when ``dense`` is None, else KL(dense || model), with ``dense`` the dense
+    model's features ``[B, T, H]`` (or its log-probabilities ``[B, T - 1, V]``). The logits exist only
+    ``max_bytes`` (default ``LOGIT_CHUNK_BYTES``) at a time, on chunks of positions; under autograd each
+    chunk is recomputed in the backward pass instead of kept. Each row's value is the whole-tensor one.
     """
-    shifted = logits[:, :-1].float()
-    targets = input_ids[:, 1:]
-    nll = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), reduction="none")
-    return nll.view(targets.shape)
+    B, T = input_ids.shape
+    flat = features[:, :-1].reshape(B * (T - 1), features.shape[-1])
+    if dense is None:
+        other, loss = input_ids[:, 1:].reshape(-1).to(flat.device), _nll_rows
+    else:
+        other = (dense if dense_is_log_probs else dense[:, :-1]).reshape(B * (T - 1), dense.shape[-1])
+        loss = functools.partial(_kl_rows, dense_is_log_probs=dense_is_log_probs)
+    grad = torch.is_grad_enabled() and flat.requires_grad
+    parts = []
+    for s, n in _chunks(tail, len(flat), max_bytes):
+        args = (tail, flat[s : s + n], other[s : s + n].to(flat.device))
+        parts.append(checkpoint(loss, *args, use_reentrant=False) if grad else loss(*args))
+    return torch.cat(parts).view(B, T - 1)
 
 
 class PerplexityFitness(Fitness):
@@ -410,8 +470,8 @@ class PerplexityFitness(Fitness):
 
     name = "perplexity"
 
-    def _loss_sums(self, logits: torch.Tensor, batch: _Batch, dense: bool = False) -> torch.Tensor:
-        return next_token_nll(logits, batch.input_ids.to(logits.device)).sum(dim=1)
+    def _loss_sums(self, features: torch.Tensor, batch: _Batch, dense: bool = False) -> torch.Tensor:
+        return token_losses(self._tail, features, batch.input_ids.to(features.device)).sum(dim=1)
 
     def _has_bound(self) -> bool:
         return True
@@ -437,24 +497,30 @@ class KLFitness(Fitness):
         self._dense_cache_bytes = dense_cache_bytes
         super().__init__(*args, **kwargs)
 
-    def _dense_log_probs(self, batch: _Batch) -> torch.Tensor:
+    def _dense_target(self, batch: _Batch) -> tuple[torch.Tensor, bool]:
+        """The dense log-probabilities of ``batch`` while they fit the cache, else its features."""
         key = batch.indices[0]
         cached = self._dense_logp.get(key)
         if cached is not None:
-            return cached
-        logp = torch.log_softmax(self._tail(batch.dense_inputs[-1])[:, :-1].float(), dim=-1)
+            return cached, True
+        features = self._tail.features(batch.dense_inputs[-1])
+        vocab = _vocab(self._tail)
         used = sum(t.numel() * t.element_size() for t in self._dense_logp.values())
-        if used + logp.numel() * logp.element_size() <= self._dense_cache_bytes:
-            self._dense_logp[key] = logp
-        return logp
+        if used + features[:, :-1, :1].numel() * vocab * 4 > self._dense_cache_bytes:
+            return features, False  # chunk by chunk, each time
+        flat = features[:, :-1].reshape(-1, features.shape[-1])
+        logp = torch.cat([
+            torch.log_softmax(self._tail.logits(flat[s : s + n]).float(), dim=-1)
+            for s, n in _chunks(self._tail, len(flat))
+        ]).view(*features[:, :-1].shape[:2], vocab)
+        self._dense_logp[key] = logp
+        return logp, True
 
-    def _loss_sums(self, logits: torch.Tensor, batch: _Batch, dense: bool = False) -> torch.Tensor:
+    def _loss_sums(self, features: torch.Tensor, batch: _Batch, dense: bool = False) -> torch.Tensor:
         if dense:
-            return torch.zeros(logits.shape[0])
-        logq = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        kl = F.kl_div(logq, self._dense_log_probs(batch), log_target=True, reduction="none")
-        # Clamp rounding noise: KL is non-negative per token, which the exact early stop relies on.
-        return kl.sum(dim=-1).clamp_min(0).sum(dim=1)
+            return torch.zeros(features.shape[0])
+        target, is_log_probs = self._dense_target(batch)
+        return token_losses(self._tail, features, batch.input_ids, target, is_log_probs).sum(dim=1)
 
 
 FITNESSES: dict[str, type[Fitness]] = {"perplexity": PerplexityFitness, "kl": KLFitness}
@@ -472,20 +538,16 @@ def plain_forward_loss(
 ) -> float:
     """SLEB's way: toggle the layers in place and run the whole pruned model (the reference result)."""
     device = next(model.parameters()).device
+    tail = lm_tail(model)
     ids = calibration.input_ids
     total = 0.0
-    dense_logp: list[torch.Tensor] = []
+    dense: list[torch.Tensor] = []
     if kind == "kl":
         with inference_mode(device):
-            for row in ids:
-                logits = model(input_ids=row[None].to(device), use_cache=False).logits
-                dense_logp.append(torch.log_softmax(logits[:, :-1].float(), dim=-1))
+            dense = [model_features(model, row[None].to(device)) for row in ids]
     with masked(model, dropped), inference_mode(device):
         for i, row in enumerate(ids):
-            logits = model(input_ids=row[None].to(device), use_cache=False).logits[:, :-1].float()
-            if kind == "kl":
-                logq = torch.log_softmax(logits, dim=-1)
-                total += float(F.kl_div(logq, dense_logp[i], log_target=True, reduction="sum"))
-            else:
-                total += float(F.cross_entropy(logits[0], row[1:].to(device), reduction="sum"))
+            features = model_features(model, row[None].to(device))
+            losses = token_losses(tail, features, row[None].to(device), dense[i] if kind == "kl" else None)
+            total += float(losses.sum())
     return total / (ids.shape[0] * (ids.shape[1] - 1))

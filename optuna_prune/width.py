@@ -31,14 +31,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
 from optuna_prune.calibration import CalibrationSet
 from optuna_prune.devices import inference_mode, pick_device, pick_dtype
-from optuna_prune.fitness import FitnessResult, NonFiniteLossError, SampleLoss
-from optuna_prune.layers import UnsupportedModelError, find_layer_stack
+from optuna_prune.fitness import FitnessResult, NonFiniteLossError, SampleLoss, token_losses
+from optuna_prune.layers import (
+    UnsupportedModelError,
+    find_layer_stack,
+    lm_tail,
+    model_features,
+    output_folder,
+)
 from optuna_prune.models import ModelNotFoundError
 
 SIZES_KEY = "optuna_prune_intermediate_sizes"
@@ -173,11 +178,6 @@ def save_width_pruned(
     source = getattr(model.config, "name_or_path", "") or type(model).__name__
     before = intermediate_sizes(model)
     prune_channels(model, keep)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
     after = intermediate_sizes(model)
     params = sum(p.numel() for p in model.parameters())
     lines = [
@@ -190,8 +190,12 @@ def save_width_pruned(
         "Made with optuna-prune. Load with `optuna_prune.width.load_width_pruned(path)`: the config records",
         f"each layer's MLP width in `{SIZES_KEY}`, which plain `from_pretrained` does not read.", "",
     ]
-    (out / "README.md").write_text("\n".join(lines), encoding="utf-8")
-    return out
+    with output_folder(out_dir) as out:
+        model.save_pretrained(out)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
+        (out / "README.md").write_text("\n".join(lines), encoding="utf-8")
+    return Path(out_dir)
 
 
 def load_width_pruned(
@@ -258,6 +262,7 @@ class WidthFitness:
         ids = calibration.input_ids
         self.total_tokens = ids.shape[0] * (ids.shape[1] - 1)
         self.layer_forwards = 0
+        self._tail = lm_tail(model)
 
     def kept(self, units: Sequence[int]) -> list[torch.Tensor]:
         """The channels each layer keeps under ``units``."""
@@ -271,8 +276,7 @@ class WidthFitness:
         with channels_masked(self.model, self.kept(units)), inference_mode(self.device):
             for i, row in enumerate(ids):
                 row = row.to(self.device)
-                logits = self.model(input_ids=row[None], use_cache=False).logits[0, :-1].float()
-                loss = float(F.cross_entropy(logits, row[1:], reduction="sum"))
+                loss = float(token_losses(self._tail, model_features(self.model, row[None]), row[None]).sum())
                 if not math.isfinite(loss):
                     raise NonFiniteLossError(f"loss of units {list(units)} is {loss} on calibration sample {i}")
                 samples.append(SampleLoss(i, loss, ids.shape[1] - 1))

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from optuna_prune.calibration import CalibrationSet
 from optuna_prune.fitness import (
@@ -16,6 +17,7 @@ from optuna_prune.fitness import (
     plain_forward_loss,
 )
 from optuna_prune.importance import block_influence, lowest
+from optuna_prune.layers import masked
 
 
 def random_calibration(n: int = 3, t: int = 24, vocab: int = 256, seed: int = 0, clusters=None) -> CalibrationSet:
@@ -153,3 +155,54 @@ def test_block_influence_ranks_layers(tiny_model):
     chosen = lowest(scores, 2, protected=(0, 5))
     assert len(chosen) == 2 and not set(chosen) & {0, 5}
     assert all(scores[i] <= scores[j] for i in chosen for j in range(1, 5) if j not in chosen)
+
+
+def test_chunked_token_losses_equal_the_whole_tensor_computation(tiny_model):
+    """NLL, KL (to dense features or cached log-probs) and their gradients, computed 8 positions at a
+    time, equal the plain computation on full [B, T, V] logits (Gemma: the softcap included)."""
+    from optuna_prune.fitness import token_losses
+    from optuna_prune.layers import lm_tail, model_features
+
+    model = tiny_model("gemma3", num_layers=3)
+    tail = lm_tail(model)
+    ids = random_calibration(n=2, t=40).input_ids
+    with torch.no_grad():
+        dense = model_features(model, ids)
+        with masked(model, [1]):
+            features = model_features(model, ids)
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+    dense_logp = torch.log_softmax(tail.logits(dense[:, :-1]).float(), dim=-1)
+    plain_nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    plain_kl = F.kl_div(torch.log_softmax(logits, dim=-1), dense_logp, log_target=True, reduction="none").sum(-1)
+    small = 8 * 4 * 256  # 8 positions of a 256-entry vocabulary: 10 chunks
+    torch.testing.assert_close(token_losses(tail, features, ids, max_bytes=small), plain_nll, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(token_losses(tail, features, ids, dense, max_bytes=small), plain_kl.clamp_min(0),
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(token_losses(tail, features, ids, dense_logp, True, max_bytes=small),
+                               plain_kl.clamp_min(0), rtol=1e-5, atol=1e-6)
+    # Under autograd each chunk is recomputed in the backward pass; the gradient is the plain one.
+    grads = []
+    for chunked in (True, False):
+        leaf = features.clone().requires_grad_()
+        if chunked:
+            loss = token_losses(tail, leaf, ids, max_bytes=small).mean()
+        else:
+            loss = F.cross_entropy(tail.logits(leaf[:, :-1]).float().transpose(1, 2), ids[:, 1:]).mean()
+        loss.backward()
+        grads.append(leaf.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+def test_fitness_never_builds_full_logits(tiny_model, monkeypatch):
+    """Scoring a mask computes the head on chunks of positions, never on a whole sample at once."""
+    import optuna_prune.fitness as fitness
+
+    model = tiny_model("llama", num_layers=4)
+    calib = random_calibration(n=2, t=40)
+    monkeypatch.setattr(fitness, "LOGIT_CHUNK_BYTES", 8 * 4 * 256)
+    rows = []
+    model.get_output_embeddings().register_forward_hook(lambda m, args, out: rows.append(args[0].shape[:-1].numel()))
+    plain = plain_forward_loss(model, calib, [1, 2])
+    rows.clear()
+    value = PerplexityFitness(model, calib, bound_fraction=0, verify=False).evaluate([1, 2]).value
+    assert value == pytest.approx(plain, rel=1e-6) and rows and max(rows) <= 8

@@ -94,3 +94,69 @@ def test_smollm2_cached_checkpoint_matches_gguf(tmp_path):
     # The cached checkpoint is a plain one (no GGUF quantizer), so pruned exports can be saved.
     out = save_pruned(model, [15], tmp_path / "pruned", tokenizer=tokenizer)
     assert AutoConfig.from_pretrained(out).num_hidden_layers == 29
+
+
+def _tiny_gguf(tiny_model, folder: Path, arch: str = "llama") -> tuple[torch.nn.Module, Path]:
+    from tests._gguf import write_gguf
+
+    model = tiny_model(arch)
+    folder.mkdir(parents=True, exist_ok=True)
+    return model, write_gguf(model, folder / f"tiny-{arch}.gguf")
+
+
+def test_gguf_file_is_converted_once_into_a_content_keyed_cache(tiny_model, tmp_path, monkeypatch):
+    import optuna_prune.models as models
+
+    monkeypatch.setenv("OPTUNA_PRUNE_CACHE", str(tmp_path / "cache"))
+    conversions: list[Path] = []
+    convert = models._gguf_to_safetensors
+    monkeypatch.setattr(models, "_gguf_to_safetensors", lambda g, out: (conversions.append(g), convert(g, out)))
+    original, path = _tiny_gguf(tiny_model, tmp_path / "src")
+    ids = torch.tensor([[104, 101, 108, 108, 111, 32, 119]])
+    for _ in range(2):
+        model, tokenizer = load_model(path, device="cpu")
+        assert tokenizer("hello w").input_ids == ids[0].tolist()
+        with torch.inference_mode():
+            torch.testing.assert_close(model(ids).logits, original(ids).logits, rtol=0, atol=1e-5)
+        assert model.config.name_or_path == str(path)  # the user's name, not the cache folder
+    assert conversions == [path.resolve()]  # the second load did not convert again
+    (folder,) = (tmp_path / "cache" / "gguf").iterdir()
+    assert folder.name.startswith("tiny-llama-") and (folder / "model.safetensors").is_file()
+    assert "quantization_config" not in (folder / "config.json").read_text()
+    # Keyed by content: a copy reuses the checkpoint, a changed file is converted anew.
+    copy = tmp_path / "elsewhere" / "copy.gguf"
+    copy.parent.mkdir()
+    copy.write_bytes(path.read_bytes())
+    assert models.gguf_checkpoint(copy).name.split("-")[-1] == folder.name.split("-")[-1]
+    _, changed = _tiny_gguf(lambda arch: tiny_model(arch, seed=1), tmp_path / "src")
+    load_model(changed, device="cpu")
+    assert len(conversions) == 3 and len(list((tmp_path / "cache" / "gguf").iterdir())) == 3
+
+
+def test_gguf_hash_is_memoised_by_path_size_and_mtime(tiny_model, tmp_path, monkeypatch):
+    import optuna_prune.models as models
+
+    _, path = _tiny_gguf(tiny_model, tmp_path)
+    first = models.file_sha256(path, tmp_path / "cache")
+    monkeypatch.setattr(models.hashlib, "sha256", None)  # a second hashing would fail
+    assert models.file_sha256(path, tmp_path / "cache") == first
+
+
+def test_failed_save_leaves_no_folder(tiny_model, tmp_path, monkeypatch):
+    model = tiny_model("llama")
+
+    def refuse(*args, **kwargs):
+        raise ValueError("The model is quantized with gguf and is not serializable")
+
+    monkeypatch.setattr(model, "save_pretrained", refuse)
+    with pytest.raises(ValueError, match="not serializable"):
+        save_pruned(model, [1], tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+    kept = tmp_path / "earlier"
+    kept.mkdir()
+    (kept / "note.txt").write_text("mine")
+    second = tiny_model("llama")
+    monkeypatch.setattr(second, "save_pretrained", refuse)
+    with pytest.raises(ValueError, match="not serializable"):
+        save_pruned(second, [2], kept)
+    assert [p.name for p in kept.iterdir()] == ["note.txt"]

@@ -89,3 +89,16 @@ def test_smollm2_reproduces_the_reference_perplexities():
     assert windows_perplexity(model, c4, **options) == pytest.approx(35.82, rel=0.01)
     pruned = windows_perplexity(model, c4, dropped=(5, 13, 14, 15, 16, 17, 18, 25, 26), **options)
     assert pruned == pytest.approx(110.37, rel=0.01)  # 30% of the layers dropped
+
+
+def test_perplexity_memory_stays_bounded_with_a_262k_vocabulary():
+    """Held-out perplexity of two 512-token windows of a 262k-vocabulary model: the logits of the
+    whole batch would be 1 GiB (and were copied more); by chunks, the call adds under 300 MB of RSS."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).with_name("_peak_memory.py")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True).stdout
+    added_mb, ppl = (float(x) for x in out.split())
+    assert added_mb < 300, f"perplexity added {added_mb:.0f} MB of peak RSS"
+    assert 1e5 < ppl < 1e6  # a random model's perplexity is near the vocabulary size

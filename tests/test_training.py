@@ -8,13 +8,13 @@ import torch
 
 from optuna_prune.calibration import CalibrationError, build_calibration
 from optuna_prune.config import ConfigError
-from optuna_prune.layers import find_layer_stack, lm_tail, masked
+from optuna_prune.fitness import token_losses
+from optuna_prune.layers import find_layer_stack, lm_tail, masked, model_features
 from optuna_prune.training import (
     MaskTraining,
     ParamSnapshot,
     TrainSettings,
     token_data,
-    token_losses,
     training_windows,
 )
 
@@ -97,13 +97,15 @@ def test_kl_targets_are_the_dense_logits_and_score_zero_unmasked(tiny_model) -> 
     model = tiny_model("qwen3", num_layers=4)  # tied embeddings: the tail is never trained
     ids = _ids(n=2)
     data = token_data(model, ids, "kl")
+    tail = lm_tail(model)
     with torch.no_grad():
         dense = model(input_ids=ids, use_cache=False).logits
-        assert torch.allclose(lm_tail(model)(data.dense_hidden), dense, atol=1e-5)
-        assert float(token_losses(dense, ids, "kl", dense).max()) < 1e-6
+        assert torch.allclose(tail(data.dense_hidden), dense, atol=1e-5)
+        features = tail.features(data.dense_hidden)
+        assert float(token_losses(tail, features, ids, features).max()) < 1e-6
         with masked(model, (1,)):
-            pruned = model(input_ids=ids, use_cache=False).logits
-    kl = token_losses(pruned, ids, "kl", dense)
+            pruned = model_features(model, ids)
+    kl = token_losses(tail, pruned, ids, features)
     assert kl.shape == (2, ids.shape[1] - 1) and float(kl.min()) >= 0 and float(kl.sum()) > 0
     with pytest.raises(ValueError, match="dense"):
         MaskTraining(model, (1,), token_data(model, ids, "lm"), TrainSettings(loss="kl"), keep=True)

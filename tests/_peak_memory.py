@@ -1,0 +1,34 @@
+"""Run held-out perplexity on a 262k-vocabulary model with a tiny hidden size; print the RSS it adds.
+
+Run as a script in its own process (``python tests/_peak_memory.py``), so the peak is this call's
+alone: the process's peak RSS after the call minus its RSS before it, in MB.
+"""
+
+from __future__ import annotations
+
+import resource
+
+import psutil
+import torch
+import transformers as tf
+
+from optuna_prune.perplexity import windows_perplexity
+
+VOCAB, WINDOWS, SEQ_LEN = 262_144, 2, 512  # [B, T, V] fp32 logits: 1 GiB
+
+
+def main() -> None:
+    config = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=SEQ_LEN)
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(0, VOCAB, (WINDOWS * SEQ_LEN,))
+    windows_perplexity(model, ids[: 2 * 16], seq_len=16, batch_size=2)  # warm up allocator and kernels
+    before = psutil.Process().memory_info().rss
+    ppl = windows_perplexity(model, ids, seq_len=SEQ_LEN, batch_size=WINDOWS)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    print(f"{(peak - before) / 2**20:.0f} {ppl:.1f}")
+
+
+if __name__ == "__main__":
+    main()
