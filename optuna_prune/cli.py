@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets", default="wikitext2,c4", help="comma list for perplexity ('' for none)")
     p.add_argument("--tasks", help="comma list of lm-eval tasks ('' for none; default: arc_easy, arc_challenge, "
                    "hellaswag, piqa, winogrande)")
-    p.add_argument("--limit", type=int, help="downstream tasks only: score the first N items of each task "
+    p.add_argument("--limit", type=int, metavar="N", help="downstream tasks only: score the first N items of each task "
                    "(default: every item). Perplexity is bounded by --max-windows and --max-chars")
     p.add_argument("--quick", action="store_true", help="a first look in minutes: perplexity on 16 windows of "
                    "512 tokens per dataset, the first 100 items of each task, 3 speed repeats; explicit flags win")
