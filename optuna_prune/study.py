@@ -313,30 +313,51 @@ class SearchProgress:
     workers' finished trials, as :class:`MethodBudget` counts them), the best loss so far, elapsed
     time and the time left. The total is the budget, or what a self-stopping method (SLEB,
     exhaustive) plans; without either (a timeout only) the bar counts without an estimate.
+
+    Reading every trial after each one would cost a storage scan per trial, so this process's own
+    trials are counted as they finish and the study is recounted every ``recount`` seconds.
     """
 
     def __init__(self, study: optuna.Study, method: str, total: int | None, enabled: bool = True,
-                 perplexity: bool = False) -> None:
+                 perplexity: bool = False, recount: float = 5.0) -> None:
         from optuna_prune.progress import progress_bar
 
         self.method = method
         self.perplexity = perplexity
+        self.recount = recount
         self.bar = progress_bar(total, method, "eval", enabled=enabled)
+        self.done = self.failed = 0
+        self.best: float | None = None
+        self.counted_at = -math.inf
         self(study, None)
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial | None) -> None:
-        trials = method_trials(study, self.method, (*_FINISHED, TrialState.FAIL))
-        finished = [t for t in trials if t.state != TrialState.FAIL]
-        losses = [float(np.mean(t.values)) for t in finished if t.state == TrialState.COMPLETE and t.values]
-        best = min((v for v in losses if math.isfinite(v)), default=None)
-        parts = [] if best is None else [f"best loss {best:.4f}"]
-        if best is not None and self.perplexity:
-            parts.append(f"ppl {math.exp(best):.2f}")
-        if len(trials) > len(finished):
-            parts.append(f"{len(trials) - len(finished)} failed")
-        self.bar.n = len(finished)
+        if time.monotonic() - self.counted_at >= self.recount:
+            self.done = self.failed = 0
+            self.best = None
+            for t in method_trials(study, self.method, (*_FINISHED, TrialState.FAIL)):
+                self._count(t)
+            self.counted_at = time.monotonic()
+        elif trial is not None and trial.system_attrs.get(METHOD_KEY, trial.user_attrs.get("method")) == self.method:
+            self._count(trial)
+        parts = [] if self.best is None else [f"best loss {self.best:.4f}"]
+        if self.best is not None and self.perplexity:
+            parts.append(f"ppl {math.exp(self.best):.2f}")
+        if self.failed:
+            parts.append(f"{self.failed} failed")
+        self.bar.n = self.done
         self.bar.set_postfix_str(", ".join(parts), refresh=False)
         self.bar.refresh()
+
+    def _count(self, t: optuna.trial.FrozenTrial) -> None:
+        if t.state == TrialState.FAIL:
+            self.failed += 1
+            return
+        self.done += 1
+        if t.state == TrialState.COMPLETE and t.values:
+            loss = float(np.mean(t.values))
+            if math.isfinite(loss) and (self.best is None or loss < self.best):
+                self.best = loss
 
     def close(self) -> None:
         self.bar.close()
