@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import shlex
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from optuna_prune.config import SAMPLERS, ConfigError, SearchConfig, from_dict, load_config
+from optuna_prune.config import (
+    DEFAULT_STORAGE,
+    SAMPLERS,
+    ConfigError,
+    SearchConfig,
+    from_dict,
+    load_config,
+)
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+STORAGE_HELP = f"sqlite:///file.db, postgresql://user@host/db or a .log journal (default {DEFAULT_STORAGE})"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -52,7 +63,7 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--n-trials", type=int, help="this method's evaluation budget in the study")
     p.add_argument("--timeout", type=float, help="stop after this many seconds")
-    p.add_argument("--storage", help="sqlite:///file.db (default optuna_prune.db), postgresql://..., or a .log journal")
+    p.add_argument("--storage", help=STORAGE_HELP)
     p.add_argument("--study", help="study name (default: derived from model, k and calibration)")
     p.add_argument("--population", type=int, help="EvoP population size (levelswitch: offspring per round)")
     p.add_argument("--fidelity", help="multi-fidelity selection (evop, levelswitch, sleb): comma list of "
@@ -94,54 +105,58 @@ def build_parser() -> argparse.ArgumentParser:
     _add_search_flags(p)
 
     p = sub.add_parser("worker", help="join a study as one more worker (e.g. one per GPU) and evaluate candidates")
-    p.add_argument("--storage", help="the study's storage, e.g. postgresql://user@host/db")
+    p.add_argument("--storage", help=STORAGE_HELP)
     p.add_argument("--study", required=True, help="name of a study made by create or search")
     p.add_argument("--n-trials", type=int, help="at most this many trials in this worker (default: until the budget)")
     p.add_argument("--device", help="this worker's device, e.g. cuda:1 (default: the study's config)")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("studies", help="list the studies in a storage with their best values")
-    p.add_argument("--storage")
+    p.add_argument("--storage", help=STORAGE_HELP)
 
     p = sub.add_parser("show", help="best masks of a study and a table per method")
     p.add_argument("study")
-    p.add_argument("--storage")
+    p.add_argument("--storage", help=STORAGE_HELP)
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("report", help="write a study's HTML report and attach its figures to the study")
     p.add_argument("study")
-    p.add_argument("--storage")
+    p.add_argument("--storage", help=STORAGE_HELP)
     p.add_argument("--out", help="report file (default: STUDY-report.html)")
     p.add_argument("--figures-dir", help="also write each figure as a standalone HTML file here")
 
     p = sub.add_parser("export", help="save a trial's pruned model as a plain Hugging Face checkpoint")
     p.add_argument("study")
-    p.add_argument("--storage")
+    p.add_argument("--storage", help=STORAGE_HELP)
     _add_trial_flags(p)
     p.add_argument("--out", required=True, help="folder to write the checkpoint to")
     p.add_argument("--device", default="cpu", help="where to load the model for pruning (default cpu)")
 
     p = sub.add_parser("evaluate", help="perplexity, downstream accuracy and speed: dense vs chosen trial(s)")
     p.add_argument("study")
-    p.add_argument("--storage")
+    p.add_argument("--storage", help=STORAGE_HELP)
     _add_trial_flags(p, per_method=True)
     p.add_argument("--datasets", default="wikitext2,c4", help="comma list for perplexity ('' for none)")
     p.add_argument("--tasks", help="comma list of lm-eval tasks ('' for none; default: arc_easy, arc_challenge, "
                    "hellaswag, piqa, winogrande)")
-    p.add_argument("--limit", type=int, help="score only the first N items of each task")
+    p.add_argument("--limit", type=int, metavar="N", help="downstream tasks only: score the first N items of each task "
+                   "(default: every item). Perplexity is bounded by --max-windows and --max-chars")
+    p.add_argument("--quick", action="store_true", help="a first look in minutes: perplexity on 16 windows of "
+                   "512 tokens per dataset, the first 100 items of each task, 3 speed repeats; explicit flags win")
     p.add_argument("--data-dir", help="offline data (layout of ../shared/data): corpora and eval/ tasks")
-    p.add_argument("--seq-len", type=int, default=2048, help="perplexity window length in tokens")
-    p.add_argument("--max-windows", type=int, help="perplexity on at most N windows")
+    p.add_argument("--seq-len", type=int, help="perplexity window length in tokens (default 2048)")
+    p.add_argument("--max-windows", type=int, help="perplexity on at most N windows (default: the whole split)")
     p.add_argument("--max-chars", type=int, help="perplexity on the first N characters of each corpus")
     p.add_argument("--no-speed", action="store_true", help="skip the prefill/decode timing")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: the study's config)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--recompute", action="store_true", help="ignore results already stored in the study")
     p.add_argument("--out", help="also write the results as JSON here")
+    p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("finetune", help="train a trial's pruned model longer (DarwinLM post-compression training) and save it")
     p.add_argument("study")
-    p.add_argument("--storage")
+    p.add_argument("--storage", help=STORAGE_HELP)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--trial", type=int, help="trial number")
     which.add_argument("--best", action="store_true", help="the best complete trial of the study")
@@ -157,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
 
     p = sub.add_parser("dashboard", help="start optuna-dashboard on the storage")
-    p.add_argument("--storage")
+    p.add_argument("--storage", help=STORAGE_HELP)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     return parser
@@ -191,15 +206,31 @@ def cmd_search(args: argparse.Namespace) -> None:
     from optuna_prune.study import run_search
 
     cfg = search_config(args)
+    storage = cfg.storage or DEFAULT_STORAGE
     study = run_search(
         cfg, new_study=args.new_study, progress=not args.no_progress,
-        on_study=lambda s: print(f"study {s.study_name!r} in {cfg.storage or 'sqlite:///optuna_prune.db'}", file=sys.stderr),
+        on_study=lambda s: print(f"study {s.study_name!r} in {storage}", file=sys.stderr),
     )
     _print_best(study)
+    print()
+    print("\n".join(next_steps(study.study_name, storage)))
+
+
+def next_steps(study: str, storage: str) -> list[str]:
+    """Where a study is stored and the commands that read it, ready to paste (after a search)."""
+    where = storage
+    if storage.startswith("sqlite:///"):
+        where = f"{storage} ({Path(storage.removeprefix('sqlite:///')).expanduser().resolve()})"
+    flags = f"{shlex.quote(study)} --storage {shlex.quote(storage)}"
+    return [
+        f"study {study!r} is stored in {where}. Next:",
+        f"  optuna-prune show {flags}",
+        f"  optuna-prune export {flags} --best --out pruned/{study}",
+        f"  optuna-prune evaluate {flags} --per-method --quick",
+    ]
 
 
 def cmd_create(args: argparse.Namespace) -> None:
-    from optuna_prune.study import DEFAULT_STORAGE
     from optuna_prune.worker import create_study
 
     study = create_study(search_config(args), new_study=args.new_study)
@@ -221,7 +252,7 @@ def cmd_studies(args: argparse.Namespace) -> None:
 
     from optuna_prune.study import open_storage
 
-    storage = open_storage(args.storage)
+    storage = open_storage(args.storage, create=False)
     rows = []
     for s in optuna.get_all_study_summaries(storage):
         problem = s.user_attrs.get("problem", {})
@@ -270,17 +301,19 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from optuna_prune.downstream import DEFAULT_TASKS
-    from optuna_prune.evaluation import PER_METHOD, EvalSettings, evaluate_study
+    from optuna_prune.evaluation import PER_METHOD, QUICK_LIMIT, EvalSettings, evaluate_study
     from optuna_prune.figures import evaluation_rows
     from optuna_prune.study import load_existing_study
 
     study = load_existing_study(args.study, args.storage)
+    base = EvalSettings.quick() if args.quick else EvalSettings()
+    given = {k: getattr(args, k) for k in ("seq_len", "max_windows", "max_chars") if getattr(args, k) is not None}
+    limit = args.limit if args.limit is not None or not args.quick else QUICK_LIMIT
     evaluate_study(
         study, trial=args.trial, methods=PER_METHOD if args.per_method else None,
-        datasets=_csv(args.datasets), tasks=DEFAULT_TASKS if args.tasks is None else _csv(args.tasks), limit=args.limit, data_dir=args.data_dir,
+        datasets=_csv(args.datasets), tasks=DEFAULT_TASKS if args.tasks is None else _csv(args.tasks), limit=limit, data_dir=args.data_dir,
         speed=not args.no_speed, out_json=args.out, device=args.device, batch_size=args.batch_size,
-        settings=EvalSettings(seq_len=args.seq_len, max_windows=args.max_windows, max_chars=args.max_chars),
-        recompute=args.recompute,
+        settings=dataclasses.replace(base, **given), recompute=args.recompute, progress=not args.no_progress,
     )
     _table(*evaluation_rows(study))
 
@@ -305,16 +338,20 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> None:
+    import optuna
     from optuna_dashboard import run_server
 
-    from optuna_prune.study import open_storage
+    from optuna_prune.study import name_metrics, open_storage
 
+    storage = open_storage(args.storage, create=False)
+    for summary in optuna.get_all_study_summaries(storage):  # studies made before objectives had names
+        name_metrics(optuna.load_study(study_name=summary.study_name, storage=storage))
     print(f"optuna-dashboard on http://{args.host}:{args.port} (Ctrl-C to stop)", file=sys.stderr)
-    run_server(open_storage(args.storage), host=args.host, port=args.port)
+    run_server(storage, host=args.host, port=args.port)
 
 
 def _print_best(study: Any) -> None:
-    from optuna_prune.study import best_by_method
+    from optuna_prune.study import best_by_method, running_by_method
 
     rows = [
         (m, e["trial"], f"{e['value']:.4f}", f"{e['perplexity']:.2f}" if e.get("perplexity") else "-",
@@ -322,6 +359,10 @@ def _print_best(study: Any) -> None:
         for m, e in sorted(best_by_method(study).items(), key=lambda kv: kv[1]["value"])
     ]
     _table(("method", "trial", "loss", "ppl", "evals", "dropped layers"), rows)
+    running = running_by_method(study)
+    if running:
+        print("running, not counted in evals: " + ", ".join(f"{n} {m}" for m, n in sorted(running.items()))
+              + " (a killed search's trial is failed when the study is next opened)")
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:

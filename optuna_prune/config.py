@@ -27,6 +27,8 @@ SUB_BLOCK_SAMPLERS = ("evop", "levelswitch", "sleb", "random", "tpe", "exhaustiv
 FITNESS_NAMES = ("perplexity", "kl")
 OBJECTIVE_MODES = ("mean", "worst", "clusters")
 INVALID_MASK_POLICIES = ("repair", "reject")
+DEFAULT_STORAGE = "sqlite:///runs/optuna_prune.db"
+"""Where every command and every config in studies/ keep their studies unless given a storage."""
 
 
 @dataclass

@@ -21,6 +21,7 @@ import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -106,11 +107,13 @@ def downstream(
     data_dir: str | Path | None = None,
     dropped: Sequence[int] = (),
     batch_size: int = 1,
+    progress: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Zero-shot lm-eval accuracy of ``model`` without the ``dropped`` layers, per task.
 
     Returns ``{task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "limit"}}`` (acc_norm None
     for tasks without it, e.g. winogrande). ``limit`` scores only the first N items of each task.
+    ``progress`` shows lm-eval's bar of the requests scored, with the time left.
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -126,6 +129,8 @@ def downstream(
     try:
         with task_manager(tasks, data_dir) as manager, masked(model, dropped) if dropped else nullcontext():
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+            for request_type in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
+                setattr(lm, request_type, partial(getattr(lm, request_type), disable_tqdm=not progress))
             try:
                 out = simple_evaluate(
                     model=lm, tasks=tasks, limit=limit, task_manager=manager, log_samples=False

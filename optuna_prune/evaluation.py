@@ -13,6 +13,7 @@ measured once per study and a later call with more tasks runs only the new ones.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,8 @@ from optuna_prune.study import best_by_method, config_of
 DEFAULT_DATASETS = ("wikitext2", "c4")
 EVALUATIONS_ATTR = "evaluations"
 PER_METHOD = "best-per-method"
+QUICK_LIMIT = 100
+"""Items per downstream task in a quick first look (``optuna-prune evaluate --quick``)."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,12 @@ class EvalSettings:
 
     def speed(self) -> dict[str, Any]:
         return {"prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens, "repeats": self.repeats}
+
+    @classmethod
+    def quick(cls) -> EvalSettings:
+        """A first look in minutes on a CPU: 16 windows of 512 tokens per dataset (the shared data
+        README's reference setting) instead of the whole evaluation split at 2048, 3 speed repeats."""
+        return cls(seq_len=512, max_windows=16, repeats=3)
 
 
 def chosen_trials(study: optuna.Study, trial: int | str | None = None, methods: str | None = None) -> list[FrozenTrial]:
@@ -95,12 +104,14 @@ def evaluate_study(
     device: str | None = None,
     batch_size: int = 1,
     recompute: bool = False,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Evaluate the dense model and the chosen trial(s) of ``study``; store and return the results.
 
     ``trial`` picks one trial (a number, or the best for None / "best"); ``methods="best-per-method"``
     evaluates the best trial of every method instead (for a table: dense, SLEB, EvoP, ...). ``data_dir``
-    defaults to the study's; ``recompute`` ignores what is stored. Returns
+    defaults to the study's; ``recompute`` ignores what is stored. ``progress`` shows a bar with the
+    time left for every phase (each dataset's windows, each task's requests, the speed rounds). Returns
     ``{"study", "problem", "evaluations": {key: entry}}``, also written to ``out_json``.
     """
     from optuna_prune.downstream import downstream
@@ -127,20 +138,25 @@ def evaluate_study(
             if dataset not in entry["perplexity"]:
                 entry["perplexity"][dataset] = perplexity(
                     model, tokenizer, dataset, data_dir=data_dir, dropped=model_mask(study, entry["dropped"]),
-                    batch_size=batch_size, **ppl_settings,
+                    batch_size=batch_size, progress=f"{entry['label']}: {dataset} perplexity" if progress else None,
+                    **ppl_settings,
                 )
                 entry["settings"]["perplexity"] = ppl_settings
                 save(entry)
         todo = [t for t in tasks if t not in entry["downstream"] or entry["downstream"][t].get("limit") != limit]
-        if todo:
+        for n, task in enumerate(todo, 1):  # one task at a time: its own progress bar, stored when done
+            if progress:
+                print(f"{entry['label']}: {task} (task {n} of {len(todo)}, "
+                      f"{'every item' if limit is None else f'first {limit} items'})", file=sys.stderr)
             entry["downstream"].update(downstream(
-                model, tokenizer, todo, limit=limit, data_dir=data_dir, dropped=model_mask(study, entry["dropped"]),
-                batch_size=batch_size,
+                model, tokenizer, [task], limit=limit, data_dir=data_dir, dropped=model_mask(study, entry["dropped"]),
+                batch_size=batch_size, progress=progress,
             ))
             save(entry)
     if speed:
         masks = {entry_key(e["trial"]): model_mask(study, e["dropped"]) for e in entries}
-        _measure_speeds(model, tokenizer, entries, masks, {**settings.speed(), "device": str(model.device)}, save)
+        _measure_speeds(model, tokenizer, entries, masks, {**settings.speed(), "device": str(model.device)}, save,
+                        progress)
 
     result = {
         "study": study.study_name,
@@ -155,7 +171,7 @@ def evaluate_study(
 
 def _measure_speeds(
     model: Any, tokenizer: Any, entries: list[dict[str, Any]], masks: dict[str, Sequence[int]],
-    wanted: dict[str, Any], save: Callable[[dict[str, Any]], None],
+    wanted: dict[str, Any], save: Callable[[dict[str, Any]], None], progress: bool = False,
 ) -> None:
     """Speed of each entry not yet measured under ``wanted``; a pruned mask is timed side by side with
     the dense model (``compare_speed``), whose numbers also fill the dense entry if it has none."""
@@ -172,11 +188,12 @@ def _measure_speeds(
     dense, *pruned = entries
     for entry in pruned:
         if entry["settings"].get("speed") != wanted:
-            both = compare_speed(model, tokenizer, masks[entry_key(entry["trial"])], **options)
+            both = compare_speed(model, tokenizer, masks[entry_key(entry["trial"])], **options,
+                                 progress=f"speed: {entry['label']} and dense" if progress else None)
             record(entry, both["pruned"], both["prefill_speedup"], both["decode_speedup"], both["device"])
             if dense["settings"].get("speed") != wanted:
                 record(dense, both["dense"], 1.0, 1.0, both["device"])
     if dense["settings"].get("speed") != wanted:
-        alone = measure_speed(model, tokenizer, (), **options)
+        alone = measure_speed(model, tokenizer, (), **options, progress="speed: dense" if progress else None)
         record(dense, alone, 1.0, 1.0, alone["device"])
 

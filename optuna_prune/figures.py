@@ -34,6 +34,9 @@ METHODS = (
 )
 """Known methods, in the order figures list them (others follow alphabetically)."""
 GENERATION_KEY = EvoPSampler._get_generation_key()
+CAPTION_KEY = "caption"
+"""``fig.layout.meta[CAPTION_KEY]``: a caption that says what this study's figure shows (the report
+prints it under the heading), for figures whose panels depend on the study."""
 _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 _PALETTE = qualitative.D3
 
@@ -274,11 +277,13 @@ def layer_importance(study: optuna.Study) -> go.Figure | None:
     space = _space(study)
     influence = study.user_attrs.get("block_influence")
     single = single_drop_losses(study)
-    panels = []
+    panels, captions = [], []
     if influence:
         panels.append("Block influence 1 − cos(h_in, h_out) (ShortGPT drops the lowest)")
+        captions.append("ShortGPT's block influence (a layer that barely changes its input is cheap to drop)")
     if single:
         panels.append(f"{_loss_label(study, False)} with only this layer dropped (SLEB's first step)")
+        captions.append("the loss with only that layer dropped (SLEB's first greedy step; grey: a lower bound)")
     if not panels:
         return None
     fig = make_subplots(rows=len(panels), cols=1, shared_xaxes=True, subplot_titles=panels,
@@ -302,9 +307,11 @@ def layer_importance(study: optuna.Study) -> go.Figure | None:
     axis = _unit_axis(space)
     fig.update_xaxes(range=[-0.5, space.num_layers - 0.5], **{k: v for k, v in axis.items() if k != "title_text"})
     fig.update_xaxes(title_text=axis["title_text"], row=len(panels), col=1)
+    caption = " and ".join(captions) + "."
     fig.update_layout(
         title=f"Layer importance ({study.study_name})", showlegend=False,
         height=200 + 260 * len(panels), template="plotly_white",
+        meta={CAPTION_KEY: caption[0].upper() + caption[1:]},
     )
     return fig
 
@@ -377,18 +384,41 @@ def evaluation_rows(study: optuna.Study) -> tuple[list[str], list[list[str]]] | 
     return header, rows
 
 
+_LINE_PX = 20  # one line of table text, padding included
+_TABLE_MARGIN = {"t": 60, "b": 10, "l": 10, "r": 10}
+
+
+def _wrapped(text: str, width: int) -> str:
+    return "<br>".join(textwrap.wrap(text, width) or [""])
+
+
+def _lines(text: str) -> int:
+    return text.count("<br>") + 1
+
+
 def results_table(study: optuna.Study) -> go.Figure | None:
-    """The evaluation results (perplexities, downstream accuracies, speedups) as a plotly table."""
+    """The evaluation results (perplexities, downstream accuracies, speedups) as a plotly table.
+
+    One column per evaluated model and one row per measure: a few models fit a dashboard card, a
+    dozen measures as columns do not (their headers were cut). The figure is as tall as its rows.
+    """
     found = evaluation_rows(study)
     if found is None:
         return None
     header, rows = found
+    columns = [[_wrapped(h, 24) for h in header[1:]]] + [[_wrapped(c, 24) for c in row[1:]] for row in rows]
+    heads = ["<b>measure</b>"] + [f"<b>{_wrapped(row[0], 18)}</b>" for row in rows]
+    header_px = _LINE_PX * max(map(_lines, heads)) + 8
+    row_px = [_LINE_PX * max(_lines(col[i]) for col in columns) + 6 for i in range(len(columns[0]))]
     fig = go.Figure(go.Table(
-        header={"values": [f"<b>{h}</b>" for h in header], "fill_color": "#e8eef7", "align": "left"},
-        cells={"values": [list(col) for col in zip(*rows, strict=True)], "align": "left", "height": 26},
+        columnwidth=[1.3] + [1.0] * len(rows),
+        header={"values": heads, "fill_color": "#e8eef7", "align": "left", "height": header_px},
+        cells={"values": columns, "align": ["left"] + ["right"] * len(rows), "height": _LINE_PX + 6},
     ))
-    fig.update_layout(title=f"Evaluation ({study.study_name})", height=160 + 28 * len(rows),
-                      margin={"l": 10, "r": 10})
+    fig.update_layout(
+        title=f"Evaluation ({study.study_name})", margin=_TABLE_MARGIN,
+        height=_TABLE_MARGIN["t"] + _TABLE_MARGIN["b"] + header_px + sum(row_px) + 10,
+    )
     return fig
 
 

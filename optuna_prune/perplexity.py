@@ -32,6 +32,7 @@ from optuna_prune.calibration import CalibrationError, eval_token_stream
 from optuna_prune.devices import inference_mode
 from optuna_prune.fitness import token_losses
 from optuna_prune.layers import lm_tail, masked, model_features
+from optuna_prune.progress import progress_bar
 
 
 def windows(
@@ -63,13 +64,18 @@ def windows_perplexity(
     max_windows: int | None = None,
     dropped: Sequence[int] = (),
     batch_size: int = 1,
+    progress: str | None = None,
 ) -> float:
-    """Perplexity of ``model`` (without the ``dropped`` layers) on a 1-D token stream."""
+    """Perplexity of ``model`` (without the ``dropped`` layers) on a 1-D token stream.
+
+    ``progress`` names a bar of the windows done and the time left (None: silent).
+    """
     batch, first = windows(ids, seq_len, stride, max_windows)
     device = next(model.parameters()).device
     tail = lm_tail(model)
     nll, count = 0.0, 0
-    with masked(model, dropped) if dropped else nullcontext(), inference_mode(device):
+    bar = progress_bar(len(batch), progress or "", "window", enabled=progress is not None)
+    with masked(model, dropped) if dropped else nullcontext(), inference_mode(device), bar:
         for b in range(0, len(batch), batch_size):
             rows = batch[b : b + batch_size].to(device)
             # Logits a chunk of positions at a time: a large vocabulary's [B, T, V] never exists.
@@ -77,6 +83,7 @@ def windows_perplexity(
             for loss, start in zip(losses, first[b : b + batch_size], strict=True):
                 nll += float(loss[start - 1 :].sum())
                 count += seq_len - start
+            bar.update(len(rows))
     return math.exp(nll / count)
 
 
@@ -91,14 +98,16 @@ def perplexity(
     max_chars: int | None = None,
     dropped: Sequence[int] = (),
     batch_size: int = 1,
+    progress: str | None = None,
 ) -> float:
     """Perplexity on the evaluation split of ``source`` (``wikitext2``, ``c4``, ``ptb`` or a local file).
 
     See the module docstring for the conventions; ``max_chars`` and ``max_windows`` bound the cost
     (the reference numbers in the shared data README use 300,000 characters and 16 x 512 tokens).
+    ``progress`` names a bar of the windows (None: silent).
     """
     ids = eval_token_stream(tokenizer, source, data_dir=data_dir, max_chars=max_chars)
-    return windows_perplexity(model, ids, seq_len, stride, max_windows, dropped, batch_size)
+    return windows_perplexity(model, ids, seq_len, stride, max_windows, dropped, batch_size, progress)
 
 
 def cross_domain(

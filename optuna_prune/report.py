@@ -18,11 +18,11 @@ import plotly.io as pio
 from optuna.trial import TrialState
 from plotly.offline import get_plotlyjs
 
-from optuna_prune.figures import all_figures, evaluation_rows
+from optuna_prune.figures import CAPTION_KEY, all_figures, evaluation_rows
 from optuna_prune.study import PROBLEM_ATTR, best_by_method
 
 _NUMBER = re.compile(r"^-?[\d.]+(e-?\d+)?( ± [\d.]+)?×?$")  # right-aligned cells
-# What each figure shows, under its heading.
+# What each figure shows, under its heading (a figure's own caption, CAPTION_KEY in its layout meta, wins).
 CAPTIONS = {
     "fitness-vs-evaluations": (
         "Best loss so far of each method against the candidates it evaluated. Every finished trial "
@@ -33,10 +33,6 @@ CAPTIONS = {
     "layer-drop-heatmap": (
         "Share of each method's complete trials that drop a layer (crosses: its best mask); below, "
         "the same per EvoP generation, which shows the population converging."
-    ),
-    "layer-importance": (
-        "ShortGPT's block influence (a layer that barely changes its input is cheap to drop) and "
-        "the loss with only that layer dropped (SLEB's first greedy step; grey: a lower bound)."
     ),
     "ccds-clusters": (
         "The calibration corpus clustered by CCDS; hover a point for the chunk nearest its "
@@ -137,7 +133,8 @@ def render_report(study: optuna.Study) -> str:
             config={"responsive": True, "displaylogo": False},
         )
         fig_title = html.escape(title.split(" (")[0])
-        caption = f'<p class="caption">{html.escape(CAPTIONS[name])}</p>' if name in CAPTIONS else ""
+        text = (fig.layout.meta or {}).get(CAPTION_KEY) or CAPTIONS.get(name)
+        caption = f'<p class="caption">{html.escape(text)}</p>' if text else ""
         parts.append(f'<h2>{fig_title}</h2>{caption}<div class="figure">{div}</div>')
     generated = datetime.now().strftime("%Y-%m-%d %H:%M")
     return (

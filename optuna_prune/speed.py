@@ -22,6 +22,7 @@ from transformers import PreTrainedModel
 
 from optuna_prune.devices import inference_mode
 from optuna_prune.layers import SubBlocks, masked
+from optuna_prune.progress import progress_bar
 
 
 @contextmanager
@@ -91,8 +92,9 @@ def _measure(
     repeats: int,
     warmup: int,
     threads: int | None,
+    progress: str | None = None,
 ) -> tuple[list[dict[str, float]], dict[str, Any]]:
-    """Time every drop mask in ``variants``, interleaving their rounds."""
+    """Time every drop mask in ``variants``, interleaving their rounds (``progress``: a bar's name)."""
     if new_tokens < 2 or prompt_tokens < 1 or repeats < 1 or warmup < 0:
         raise ValueError(
             f"speed needs new_tokens >= 2, prompt_tokens >= 1, repeats >= 1, warmup >= 0 "
@@ -102,13 +104,15 @@ def _measure(
     prompt = _prompt(model, tokenizer, prompt_tokens)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rounds: list[list[tuple[float, float]]] = [[] for _ in variants]
-    with _threads(device, threads) as used:
+    bar = progress_bar((warmup + repeats) * len(variants), progress or "", "round", enabled=progress is not None)
+    with _threads(device, threads) as used, bar:
         for r in range(warmup + repeats):
             for timings, dropped in zip(rounds, variants, strict=True):
                 with masked(model, dropped) if dropped else nullcontext():
                     timing = _round(model, prompt, new_tokens, pad or 0)
                 if r >= warmup:
                     timings.append(timing)
+                bar.update()
     setup = {
         "device": str(device) if device.type != "cpu" else f"cpu ({used} threads)",
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
@@ -128,10 +132,11 @@ def measure_speed(
     repeats: int = 5,
     warmup: int = 1,
     threads: int | None = None,
+    progress: str | None = None,
 ) -> dict[str, Any]:
     """Prefill latency (ms) and decode tokens/s of ``model`` without the ``dropped`` layers."""
     (result,), setup = _measure(
-        model, tokenizer, [tuple(dropped)], prompt_tokens, new_tokens, repeats, warmup, threads
+        model, tokenizer, [tuple(dropped)], prompt_tokens, new_tokens, repeats, warmup, threads, progress
     )
     return {**result, **setup}
 
@@ -145,6 +150,7 @@ def compare_speed(
     repeats: int = 5,
     warmup: int = 1,
     threads: int | None = None,
+    progress: str | None = None,
 ) -> dict[str, Any]:
     """Dense and pruned speed measured side by side, and the pruned model's speedups (dense time / pruned).
 
@@ -155,7 +161,7 @@ def compare_speed(
     if isinstance(dropped, SubBlocks):
         dropped = dropped.layers()
     (dense, pruned), setup = _measure(
-        model, tokenizer, [(), tuple(dropped)], prompt_tokens, new_tokens, repeats, warmup, threads
+        model, tokenizer, [(), tuple(dropped)], prompt_tokens, new_tokens, repeats, warmup, threads, progress
     )
     return {
         "dense": dense,

@@ -17,10 +17,10 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import sqlalchemy
 import sqlalchemy.exc
@@ -32,7 +32,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from optuna_prune import __version__
-from optuna_prune.config import ConfigError, SearchConfig
+from optuna_prune.config import DEFAULT_STORAGE, ConfigError, SearchConfig
 from optuna_prune.samplers import sleb_result, trial_mask
 from optuna_prune.samplers.base import storage_backend
 from optuna_prune.space import (
@@ -43,7 +43,6 @@ from optuna_prune.space import (
     resolve_num_drop,
 )
 
-DEFAULT_STORAGE = "sqlite:///optuna_prune.db"
 PROBLEM_ATTR = "problem"
 # The parts of a problem a resumed study must share with the one that created it.
 PROBLEM_KEYS = (
@@ -68,30 +67,31 @@ class BudgetReached(RuntimeError):
     """A trial started while other workers' trials already filled the method's budget."""
 
 
-def open_storage(url: str | None, heartbeat: int = 20) -> optuna.storages.BaseStorage:
+def open_storage(url: str | None, heartbeat: int = 20, create: bool = True) -> optuna.storages.BaseStorage:
     """An RDB storage with heartbeats (killed workers' trials are failed and retried), or a journal file.
 
     A RUNNING trial whose process sent no heartbeat for ``3 * heartbeat`` seconds is failed and
-    re-queued with the same params.
+    re-queued with the same params. ``url`` None is :data:`~optuna_prune.config.DEFAULT_STORAGE`.
+    ``create=False`` (commands that only read studies) refuses a SQLite or journal file that does
+    not exist, instead of leaving an empty database behind.
 
     ``*.log`` / ``*.journal`` paths give a JournalStorage (many processes, no database server).
     """
     url = url or DEFAULT_STORAGE
     if url.endswith((".log", ".journal")) and "://" not in url:
+        _require_file(Path(url), url, create)
         Path(url).parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(url))
     try:
         parsed = sqlalchemy.engine.make_url(url)
     except sqlalchemy.exc.ArgumentError:
         raise StorageError(
-            f"storage URL {url!r} is malformed; use e.g. sqlite:///optuna_prune.db, "
+            f"storage URL {url!r} is malformed; use e.g. {DEFAULT_STORAGE}, "
             "postgresql://user@host/db or a journal file path ending in .log"
         ) from None
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        _require_file(Path(parsed.database).expanduser(), url, create)
         Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    if parsed.drivername == "postgresql" and not find_spec("psycopg") and find_spec("psycopg2"):
-        # SQLAlchemy 2.1 reads a plain postgresql:// as psycopg 3; the postgres extra installs psycopg2.
-        url = parsed.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
     try:
         return RDBStorage(
             url,
@@ -102,6 +102,15 @@ def open_storage(url: str | None, heartbeat: int = 20) -> optuna.storages.BaseSt
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise StorageError(f"cannot open storage {url!r}: {first}") from None
+
+
+def _require_file(path: Path, url: str, create: bool) -> None:
+    """A command that only reads studies must not leave an empty database behind a mistyped path."""
+    if not create and not path.exists():
+        raise StorageError(
+            f"no study database at {path} ({url}); run optuna-prune search first, "
+            "or pass --storage with the URL your search used"
+        )
 
 
 def problem_of(cfg: SearchConfig, model_id: str, num_layers: int, num_drop: int, calibration: Any) -> dict[str, Any]:
@@ -127,6 +136,27 @@ def problem_of(cfg: SearchConfig, model_id: str, num_layers: int, num_drop: int,
         problem.update(space="sublayers", sparsity=round(num_drop / (2 * num_layers), 4))
     return problem
 
+
+
+def metric_names(problem: dict[str, Any]) -> list[str]:
+    """What each objective of a study is, for the dashboard's axes (instead of "Objective 0")."""
+    what = "KL to the dense model" if problem.get("fitness") == "kl" else "calibration NLL"
+    mode = problem.get("objective_mode", "mean")
+    if mode == "clusters":
+        return [f"cluster {c} {what}" for c in range(int(problem["ccds_clusters"]))]
+    return [f"worst-cluster {what}" if mode == "worst" else what]
+
+
+def name_metrics(study: optuna.Study) -> None:
+    """Name the objectives of an optuna-prune study that has no names yet (made by an older version)."""
+    problem = study.user_attrs.get(PROBLEM_ATTR)
+    if problem is None or study.metric_names is not None:
+        return
+    names = metric_names(problem)
+    if len(names) == len(study.directions):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            study.set_metric_names(names)
 
 
 def default_study_name(problem: dict[str, Any]) -> str:
@@ -178,9 +208,11 @@ def open_study(
         else:
             study.set_user_attr(PROBLEM_ATTR, problem)
             study.set_user_attr("versions", versions())
+            name_metrics(study)
             return study
     study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
     check_problem(study, problem)
+    name_metrics(study)
     refuse_concurrent_sqlite(study)
     fail_orphaned_trials(study)
     return study
@@ -217,7 +249,8 @@ def method_trials(study: optuna.Study, method: str, states: tuple[TrialState, ..
     ]
 
 
-_COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+_FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # a method's evaluations
+_COUNTED = (*_FINISHED, TrialState.RUNNING)
 
 
 @dataclass
@@ -235,7 +268,7 @@ class MethodBudget:
     poll_interval: float = 0.5
 
     def done(self, study: optuna.Study) -> int:
-        return len(method_trials(study, self.method, (TrialState.COMPLETE, TrialState.PRUNED)))
+        return len(method_trials(study, self.method, _FINISHED))
 
     def has_room(self, study: optuna.Study) -> bool:
         """False once the budget is reached; True as soon as one more trial fits beside the running ones."""
@@ -273,6 +306,61 @@ class MethodBudget:
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if not self.has_room(study):
             study.stop()
+
+
+class SearchProgress:
+    """An ``optimize`` callback that shows a method's progress: evaluations done of its budget (all
+    workers' finished trials, as :class:`MethodBudget` counts them), the best loss so far, elapsed
+    time and the time left. The total is the budget, or what a self-stopping method (SLEB,
+    exhaustive) plans; without either (a timeout only) the bar counts without an estimate.
+
+    Reading every trial after each one would cost a storage scan per trial, so this process's own
+    trials are counted as they finish and the study is recounted every ``recount`` seconds.
+    """
+
+    def __init__(self, study: optuna.Study, method: str, total: int | None, enabled: bool = True,
+                 perplexity: bool = False, recount: float = 5.0) -> None:
+        from optuna_prune.progress import progress_bar
+
+        self.method = method
+        self.perplexity = perplexity
+        self.recount = recount
+        self.bar = progress_bar(total, method, "eval", enabled=enabled)
+        self.done = self.failed = 0
+        self.best: float | None = None
+        self.counted_at = -math.inf
+        self(study, None)
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial | None) -> None:
+        if time.monotonic() - self.counted_at >= self.recount:
+            self.done = self.failed = 0
+            self.best = None
+            for t in method_trials(study, self.method, (*_FINISHED, TrialState.FAIL)):
+                self._count(t)
+            self.counted_at = time.monotonic()
+        elif trial is not None and trial.system_attrs.get(METHOD_KEY, trial.user_attrs.get("method")) == self.method:
+            self._count(trial)
+        parts = [] if self.best is None else [f"best loss {self.best:.4f}"]
+        if self.best is not None and self.perplexity:
+            parts.append(f"ppl {math.exp(self.best):.2f}")
+        if self.failed:
+            parts.append(f"{self.failed} failed")
+        self.bar.n = self.done
+        self.bar.set_postfix_str(", ".join(parts), refresh=False)
+        self.bar.refresh()
+
+    def _count(self, t: optuna.trial.FrozenTrial) -> None:
+        if t.state == TrialState.FAIL:
+            self.failed += 1
+            return
+        self.done += 1
+        if t.state == TrialState.COMPLETE and t.values:
+            loss = float(np.mean(t.values))
+            if math.isfinite(loss) and (self.best is None or loss < self.best):
+                self.best = loss
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def refuse_concurrent_sqlite(study: optuna.Study) -> None:
@@ -396,8 +484,18 @@ def best_by_method(study: optuna.Study) -> dict[str, dict[str, Any]]:
                 "perplexity": t.user_attrs.get("perplexity"),
             }
     for method, entry in best.items():
-        entry["evaluations"] = len(method_trials(study, method))
+        entry["evaluations"] = len(method_trials(study, method, _FINISHED))
     return best
+
+
+def running_by_method(study: optuna.Study) -> dict[str, int]:
+    """RUNNING trials per method: evaluations in progress, or left by a killed process until its
+    heartbeat goes stale or the study is next opened. Never counted as evaluations."""
+    running: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        method = t.system_attrs.get(METHOD_KEY, t.user_attrs.get("method", "unknown"))
+        running[method] = running.get(method, 0) + 1
+    return running
 
 
 def summarise(study: optuna.Study) -> dict[str, dict[str, Any]]:
@@ -639,19 +737,24 @@ def run_search(
     if max_trials is not None:
         remaining = max_trials if remaining is None else min(remaining, max_trials)
     if (remaining is None or remaining > 0) and (budget is None or budget.has_room(study)):
+        method = budget.method if budget is not None else cfg.sampler
+        total = budget.n_trials if budget is not None else getattr(study.sampler, "planned_trials", lambda: None)()
+        shown = SearchProgress(study, method, total, enabled=progress,
+                               perplexity=cfg.fitness == "perplexity" and cfg.objective_mode == "mean")
         try:
             study.optimize(
                 setup.objective if budget is None else budget.guard(setup.objective),
                 n_trials=remaining,
                 timeout=cfg.timeout,
                 catch=(*setup.catch, BudgetReached),
-                callbacks=[budget] if budget is not None else None,
-                show_progress_bar=progress,
+                callbacks=[shown] + ([budget] if budget is not None else []),
             )
         except BaseException as exc:
             if interrupted(exc):
                 fail_own_running_trials(study)
             raise
+        finally:
+            shown.close()
     summarise(study)
     return study
 
@@ -692,7 +795,7 @@ def config_of(study: optuna.Study) -> SearchConfig:
 
 def load_existing_study(name: str, storage_url: str | None) -> optuna.Study:
     """Load a study by name, with a one-line error listing what the storage holds if it is absent."""
-    storage = open_storage(storage_url)
+    storage = open_storage(storage_url, create=False)
     names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
     if name not in names:
         raise StudyMismatchError(

@@ -79,5 +79,7 @@ def test_unknown_offline_task_or_missing_data_are_one_line_errors(tiny_model, tm
 @needs_data
 def test_smollm2_is_well_above_chance_on_arc_easy():
     model, tokenizer = load_model("smollm2-135m", device="cpu")
-    result = downstream(model, tokenizer, ["arc_easy"], limit=60, data_dir=DATA)["arc_easy"]
+    # The first 20 questions (80 scored answers) keep the test to a minute on 2 cores. SmolLM2 gets
+    # 12 of them right; at chance (0.25) 9 or more would happen with probability 0.04.
+    result = downstream(model, tokenizer, ["arc_easy"], limit=20, data_dir=DATA)["arc_easy"]
     assert result["acc"] > 0.4, result  # chance is 0.25; SmolLM2-135M scores about 0.5-0.6

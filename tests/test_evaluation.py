@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import optuna_prune.downstream
 import optuna_prune.perplexity
 import optuna_prune.speed
 from optuna_prune.cli import main
-from optuna_prune.evaluation import EvalSettings, evaluate_study
+from optuna_prune.evaluation import QUICK_LIMIT, EvalSettings, evaluate_study
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SMALL = EvalSettings(seq_len=16, max_windows=2, max_chars=4000, prompt_tokens=8, new_tokens=3, repeats=1)
@@ -92,3 +93,41 @@ def test_cli_per_method_table_and_errors(recorded_study, tmp_path, capsys):
     assert main([*args, "--trial", "0"]) == 2  # SLEB's partial step
     err = capsys.readouterr().err
     assert err.startswith("optuna-prune: error: trial 0") and err.count("\n") == 1
+
+
+@pytest.mark.skipif(not (DATA / "eval").is_dir(), reason=f"offline data not found at {DATA}")
+def test_cli_shows_every_phase_with_time_left_and_quick_is_a_short_first_look(recorded_study, capsys, monkeypatch):
+    storage = recorded_study.user_attrs["config"]["storage"]
+    base = ["evaluate", "recorded", "--storage", storage, "--datasets", "pydoc", "--max-chars", "4000",
+            "--data-dir", str(DATA), "--quick"]
+    assert main([*base, "--seq-len", "16", "--tasks", "arc_easy", "--limit", "2"]) == 0
+    err = capsys.readouterr().err.replace("\r", "\n")
+    quick = EvalSettings.quick()
+    for label in ("dense", "evop (trial 2)"):  # every window set: done of total, elapsed<left
+        assert re.search(rf"{re.escape(label)}: pydoc perplexity: 100%\|.*\| {quick.max_windows}/{quick.max_windows} "
+                         r"\[\d\d:\d\d<\d\d:\d\d", err), err
+        assert f"{label}: arc_easy (task 1 of 1, first 2 items)" in err
+    assert re.search(r"Running loglikelihood requests: 100%\|.*\[\d\d:\d\d<\d\d:\d\d", err)  # each task's requests
+    rounds = 2 * (1 + quick.repeats)  # dense and pruned, a warm-up and the repeats
+    assert re.search(rf"speed: evop \(trial 2\) and dense: 100%\|.*\| {rounds}/{rounds} \[", err), err
+    dense = recorded_study.user_attrs["evaluations"]["dense"]
+    assert dense["settings"]["perplexity"]["seq_len"] == 16  # a flag given wins over --quick
+    assert dense["settings"]["perplexity"]["max_windows"] == quick.max_windows
+    assert dense["downstream"]["arc_easy"]["limit"] == 2
+
+    limits = []
+
+    def fake(model, tokenizer, tasks, limit=None, **kwargs):
+        limits.append(limit)
+        return {t: {"acc": 0.5, "acc_stderr": None, "limit": limit} for t in tasks}
+
+    monkeypatch.setattr(optuna_prune.downstream, "downstream", fake)
+    assert main([*base, "--tasks", "winogrande,piqa", "--no-speed", "--no-progress"]) == 0
+    assert limits == [QUICK_LIMIT] * 4  # dense and trial 2, each task on its own
+    assert capsys.readouterr().err == ""  # --no-progress: silent
+
+    assert main(["evaluate", "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"{quick.max_windows} windows of {quick.seq_len} tokens" in help_text
+    assert f"first {QUICK_LIMIT} items of each task, {quick.repeats} speed repeats" in help_text
+    assert "--limit N downstream tasks only" in help_text

@@ -80,13 +80,17 @@ def test_cross_domain_table_on_local_corpora(tiny_checkpoint, tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not DATA.is_dir(), reason=f"offline data not found at {DATA}")
 def test_smollm2_reproduces_the_reference_perplexities():
-    """shared/data/README.md: first 300,000 characters, 16 windows of 512 tokens."""
+    """shared/data/README.md: first 300,000 characters, 16 windows of 512 tokens.
+
+    Two of the README's four numbers, one per corpus: the dense model checks the windowing and the
+    NLL, the pruned one on C4 also the joined C4 documents and the masking. The dense C4 number adds
+    nothing these two miss, at over a third of the test's time.
+    """
     model, tokenizer = load_model("smollm2-135m", device="cpu")
     options = dict(seq_len=512, max_windows=16)
     wikitext = perplexity(model, tokenizer, "wikitext2", data_dir=DATA, max_chars=300_000, **options)
     assert wikitext == pytest.approx(36.08, rel=0.01)
     c4 = eval_token_stream(tokenizer, "c4", data_dir=DATA, max_chars=300_000)
-    assert windows_perplexity(model, c4, **options) == pytest.approx(35.82, rel=0.01)
     pruned = windows_perplexity(model, c4, dropped=(5, 13, 14, 15, 16, 17, 18, 25, 26), **options)
     assert pruned == pytest.approx(110.37, rel=0.01)  # 30% of the layers dropped
 

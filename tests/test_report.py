@@ -153,12 +153,49 @@ def test_layer_importance_ccds_and_results_table(synthetic_study):
 
     table = figures.results_table(study).data[0]
     header = [h.replace("<b>", "").replace("</b>", "") for h in table.header.values]
-    assert header[:4] == ["model", "method", "trial", "dropped layers"]
-    assert {"ppl c4", "ppl wikitext2", "arc_easy acc %", "piqa acc %", "mean acc %", "decode speedup"} <= set(header)
-    columns = {h: list(c) for h, c in zip(header, table.cells.values, strict=True)}
-    assert columns["model"] == ["dense", "evop best"]
-    assert columns["ppl c4"] == ["30.10", "–"] and columns["decode speedup"] == ["1.00×", "1.45×"]
-    assert columns["mean acc %"] == ["62.5", "–"]  # the pruned model lacks piqa: no mean
+    assert header == ["measure", "dense", "evop best"]  # a column per model, a row per measure
+    measures, *models = ([c.replace("<br>", " ") for c in column] for column in table.cells.values)
+    assert measures[:3] == ["method", "trial", "dropped layers"]
+    assert {"ppl c4", "ppl wikitext2", "arc_easy acc %", "piqa acc %", "mean acc %", "decode speedup"} <= set(measures)
+    rows = {m: [column[i] for column in models] for i, m in enumerate(measures)}
+    assert rows["ppl c4"] == ["30.10", "–"] and rows["decode speedup"] == ["1.00×", "1.45×"]
+    assert rows["mean acc %"] == ["62.5", "–"]  # the pruned model lacks piqa: no mean
+    assert rows["dropped layers"] == ["none", "1 4"]
+
+
+def test_results_table_is_tall_enough_for_its_header_and_every_row(synthetic_study):
+    """The dashboard draws a table figure at its layout height: rows below it are cut off."""
+    study, _ = synthetic_study
+    fig = figures.results_table(study)
+    table = fig.data[0]
+    lines = [max(column[i].count("<br>") + 1 for column in table.cells.values)
+             for i in range(len(table.cells.values[0]))]
+    header_lines = max(h.count("<br>") + 1 for h in table.header.values)
+    assert table.header.height >= 18 * header_lines
+    needed = table.header.height + sum(max(table.cells.height, 18 * n) for n in lines)
+    assert fig.layout.height - fig.layout.margin.t - fig.layout.margin.b >= needed
+    assert all(len(line) <= 24 for column in table.cells.values for cell in column for line in cell.split("<br>"))
+
+
+def test_importance_caption_names_only_the_panels_the_study_has(synthetic_study, tmp_path):
+    """An EvoP study seeded with ShortGPT has block influence but no SLEB step: one panel, and a
+    caption that promises no single-layer losses."""
+    study, _ = synthetic_study
+    both = figures.layer_importance(study)
+    assert "SLEB" in both.layout.meta["caption"] and "block influence" in both.layout.meta["caption"]
+
+    evop = optuna.create_study(storage=f"sqlite:///{tmp_path / 'e.db'}", study_name="evop-only")
+    evop.set_user_attr("problem", study.user_attrs["problem"])
+    evop.set_user_attr("block_influence", study.user_attrs["block_influence"])
+    for dropped, loss in EVOP_LOSS.items():
+        _add(evop, "evop", dropped, loss)
+    fig = figures.layer_importance(evop)
+    assert len(fig.data) == 1 and [a.text for a in fig.layout.annotations] == [
+        "Block influence 1 − cos(h_in, h_out) (ShortGPT drops the lowest)"]
+    caption = fig.layout.meta["caption"]
+    assert caption.startswith("ShortGPT's block influence") and "SLEB" not in caption and "dropped" not in caption
+    page = write_report(evop, tmp_path / "evop.html").read_text()
+    assert caption.replace("'", "&#x27;") in page and "first greedy step" not in page
 
 
 def test_missing_parts_are_left_out_not_errors(tmp_path):

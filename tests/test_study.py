@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -211,6 +212,7 @@ def test_dashboard_api_lists_study_with_layer_params(tiny_checkpoint, tmp_path):
         detail = json.load(urllib.request.urlopen(f"{base}/api/studies/{studies[0]['study_id']}?after=0"))
         names = {p["name"] for t in detail["trials"] for p in t["params"]}
         assert {"layer_00", "layer_01", "layer_02", "layer_03"} <= names
+        assert detail["objective_names"] == ["calibration NLL"]  # not "Objective 0"
     finally:
         server.shutdown()
 
@@ -238,3 +240,90 @@ def test_no_torch_on_the_search_side():
     code = "import sys, optuna_prune.space, optuna_prune.samplers; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ})
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_objectives_are_named_for_new_and_old_studies(tmp_path):
+    storage = open_storage(f"sqlite:///{tmp_path / 's.db'}")
+    problem = {"model": "m", "num_layers": 8, "num_drop": 2, "calibration": "pydoc", "calibration_sha256": "x",
+               "fitness": "perplexity", "objective_mode": "mean", "ccds_clusters": 0}
+    old = optuna.create_study(study_name="old", storage=storage)  # as versions before names left it
+    old.set_user_attr("problem", problem)
+    assert old.metric_names is None
+    assert open_study(storage, "old", problem, ["minimize"]).metric_names == ["calibration NLL"]
+    clusters = {**problem, "ccds_clusters": 3, "objective_mode": "clusters", "fitness": "kl"}
+    made = open_study(storage, "per-cluster", clusters, ["minimize"] * 3)
+    assert made.metric_names == [f"cluster {c} KL to the dense model" for c in range(3)]
+    worst = open_study(storage, "worst", {**clusters, "objective_mode": "worst"}, ["minimize"])
+    assert worst.metric_names == ["worst-cluster KL to the dense model"]
+
+
+def test_show_counts_finished_trials_and_running_ones_apart(recorded_study, capsys):
+    from optuna.trial import create_trial
+
+    storage = recorded_study.user_attrs["config"]["storage"]
+    dists = recorded_study.trials[2].distributions
+    recorded_study.add_trial(create_trial(  # a search killed mid-trial leaves it RUNNING
+        state=TrialState.RUNNING, params=recorded_study.trials[2].params, distributions=dists,
+        user_attrs={"method": "evop"},
+    ))
+    assert best_by_method(recorded_study)["evop"]["evaluations"] == 2  # not the FAIL, not the RUNNING
+    assert main(["show", "recorded", "--storage", storage]) == 0
+    out = capsys.readouterr().out
+    evop = next(line.split() for line in out.splitlines() if line.startswith("evop"))
+    assert evop[4] == "2", out
+    assert "running, not counted in evals: 1 evop" in out
+
+
+def test_every_command_and_shipped_config_use_one_default_storage(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """The README's path: search with a shipped config's storage, then show/studies/export/evaluate
+    without --storage find the study; a reading command never creates an empty database."""
+    import shlex
+
+    from optuna_prune.cli import build_parser
+    from optuna_prune.config import DEFAULT_STORAGE, load_config
+
+    for path in sorted((Path(__file__).parents[1] / "studies").glob("*.toml")):
+        assert load_config(path).storage in (None, DEFAULT_STORAGE), path.name
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    for name, sub in commands.items():
+        for action in sub._actions:
+            if action.dest == "storage":
+                assert action.default is None and DEFAULT_STORAGE in action.help, name
+
+    monkeypatch.chdir(tmp_path)
+    database = tmp_path / DEFAULT_STORAGE.removeprefix("sqlite:///")
+    assert main(["studies"]) == 2 and main(["show", "tiny"]) == 2
+    assert "no study database" in capsys.readouterr().err and not database.exists()
+
+    assert main(["search", "--model", str(tiny_checkpoint), "--drop", "2", "--sampler", "random",
+                 "--calibration", "pydoc", "--n-samples", "2", "--seq-len", "32", "--n-trials", "3",
+                 "--study", "tiny", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert database.is_file() and f"is stored in {DEFAULT_STORAGE} ({database})" in out
+    show, export, evaluate = (shlex.split(line)[1:] for line in out.splitlines() if line.startswith("  optuna-prune"))
+    assert show == ["show", "tiny", "--storage", DEFAULT_STORAGE]
+    assert main(["studies"]) == 0 and "tiny" in capsys.readouterr().out
+    assert main(show) == 0 and "random" in capsys.readouterr().out
+    assert main(export) == 0 and (tmp_path / "pruned" / "tiny" / "config.json").is_file()
+    assert evaluate[:5] == ["evaluate", "tiny", "--storage", DEFAULT_STORAGE, "--per-method"]
+    assert main([*evaluate, "--datasets", "pydoc", "--max-chars", "4000", "--seq-len", "64", "--tasks", "",
+                 "--no-speed", "--no-progress"]) == 0
+    assert "pydoc" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("sampler", "planned"), [("sleb", 6 + 5), ("evop", 8), ("exhaustive", 28)])
+def test_every_method_shows_evaluations_of_its_budget_best_loss_and_time(tiny_checkpoint, tmp_path, capsys,
+                                                                         sampler, planned):
+    """SLEB and exhaustive stop by themselves: their bar's total is what they plan (SLEB: 6 then 5
+    candidates, its ends protected; C(8, 2) masks), EvoP's is its budget."""
+    cfg = tiny_config(tiny_checkpoint, f"sqlite:///{tmp_path / 's.db'}", drop=2, sampler=sampler,
+                      n_trials=8 if sampler == "evop" else None)
+    study = run_search(cfg, progress=True)
+    err = capsys.readouterr().err
+    final = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert final.startswith(f"{sampler}: 100%") and f" {planned}/{planned} [" in final, err
+    best = min(t.value for t in study.trials if t.state == TrialState.COMPLETE)
+    assert f"best loss {best:.4f}" in final and "ppl" in final
+    assert re.search(r"\[\d\d:\d\d<", final)  # elapsed time
+    assert "Progress bar won't be displayed" not in err

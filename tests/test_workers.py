@@ -40,13 +40,13 @@ POPULATION = 4
 
 def _admin():  # noqa: ANN202
     """An autocommit connection to the server's ``test`` database, or None if no server answers."""
-    psycopg2 = pytest.importorskip("psycopg2")
+    psycopg = pytest.importorskip("psycopg")  # the postgres extra's driver
     for user in ("postgres", "root"):
         try:
-            conn = psycopg2.connect(host="127.0.0.1", port=5432, user=user, dbname="test", connect_timeout=3)
-        except psycopg2.OperationalError:
+            conn = psycopg.connect(host="127.0.0.1", port=5432, user=user, dbname="test", connect_timeout=3,
+                                   autocommit=True)
+        except psycopg.OperationalError:
             continue
-        conn.autocommit = True
         return conn, user
     return None, None
 
@@ -177,6 +177,20 @@ def test_three_workers_share_one_evolution_and_budget(tiny_checkpoint, pg_url):
     print(f"trials per worker: {sorted(workers.values())}; budget races settled as FAIL: {races}")
     assert set(workers) <= {worker_id(p) for p in procs} and len(workers) >= 2, workers
     assert study.user_attrs["config"].get("device") is None  # workers leave the recorded config alone
+
+
+@pytest.mark.postgres
+def test_plain_postgresql_url_opens_the_study_outside_optuna_prune(tiny_checkpoint, pg_url):
+    """The user's own optuna.load_study and optuna-dashboard take the same postgresql:// URL."""
+    create(tiny_checkpoint, pg_url, n_trials=4)
+    code = (
+        "import sys, optuna; s = optuna.load_study(study_name='tiny', storage=sys.argv[1]); "
+        "print(s.user_attrs['problem']['num_drop'], s.metric_names); "
+        "print('optuna_prune' in sys.modules, sys.modules['sqlalchemy'].__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, pg_url], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["3 ['calibration NLL']", "False sqlalchemy"]
 
 
 @pytest.mark.postgres

@@ -162,6 +162,11 @@ class MaskSampler(BaseSampler, abc.ABC):
         self._rng.rng.seed()
         self._random_sampler.reseed_rng()
 
+    def planned_trials(self) -> int | None:
+        """How many evaluations a method that stops by itself makes (for progress), None if it
+        runs until a budget or timeout stops it."""
+        return None
+
     def config(self) -> dict[str, Any]:
         """What a resumed run must share with the run that started this method in the study."""
         return {"space": self._space.to_dict()}

@@ -63,6 +63,9 @@ class ExhaustiveMaskSampler(MaskSampler):
                 f"exceeds max_candidates={max_candidates}; raise max_candidates or use EvoP"
             )
 
+    def planned_trials(self) -> int:
+        return self._space.n_candidates
+
     def _propose(
         self,
         study: Study,

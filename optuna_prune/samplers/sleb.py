@@ -110,6 +110,11 @@ class SLEBSampler(MaskSampler):
         :class:`~optuna_prune.pruners.GenerationHalvingPruner` ranks a candidate within its step."""
         return STEP_KEY
 
+    def planned_trials(self) -> int:
+        """Every candidate of every greedy step: step s tries each droppable layer not yet dropped."""
+        droppable = len(self._greedy.droppable)
+        return sum(droppable - step for step in range(self._space.num_drop))
+
     def config(self) -> dict[str, Any]:
         return {
             **super().config(),
