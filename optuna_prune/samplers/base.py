@@ -153,7 +153,9 @@ class MaskSampler(BaseSampler, abc.ABC):
 
     method: ClassVar[str] = "mask"
     # Attributes that _init_process_state makes, so that pickling and copying leave them out.
-    _process_state: ClassVar[tuple[str, ...]] = ("_proposing", "_told", "_held", "_proposals")
+    _process_state: ClassVar[tuple[str, ...]] = (
+        "_proposing", "_told", "_held", "_proposals", "_checked"
+    )
     poll_interval: float = 0.5  # seconds between storage polls while waiting for other workers
 
     def __init__(
@@ -185,6 +187,7 @@ class MaskSampler(BaseSampler, abc.ABC):
         # (study name, trial number) -> thread that asked it: never wait on one's own trials.
         self._held: dict[tuple[str, int], int] = {}
         self._proposals: dict[int, tuple[int, ...]] = {}  # trial id -> mask, saves a read/param
+        self._checked: set[tuple[int, int]] = set()  # studies whose stored config matches (_check_config)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -297,8 +300,8 @@ class MaskSampler(BaseSampler, abc.ABC):
         if state == TrialState.FAIL:
             return
         storage = study._storage
-        if storage.get_n_trials(study._study_id) < self._space.n_candidates:
-            return  # cheap: the space cannot be exhausted yet
+        if trial.number + 1 < self._space.n_candidates:
+            return  # no read: a later trial's after_trial sees the space exhausted
         trials = storage.get_all_trials(study._study_id, deepcopy=False)
         if self._exhausted(self._seen(trials)):
             _stop(study)
@@ -433,6 +436,8 @@ class MaskSampler(BaseSampler, abc.ABC):
         return dropped
 
     def _check_config(self, study: Study) -> None:
+        if (id(study._storage), study._study_id) in self._checked:
+            return  # once per study and process: the stored config is written only once
         key = self.config_key()
         stored = study._storage.get_study_system_attrs(study._study_id).get(key)
         mine = self.config()
@@ -443,6 +448,7 @@ class MaskSampler(BaseSampler, abc.ABC):
                 f"study {study.study_name!r} was searched by {self.method} with {stored}, "
                 f"but this sampler has {mine}; use the same settings to resume or a new study"
             )
+        self._checked.add((id(study._storage), study._study_id))
 
     def _claim(self, study: Study, trial: FrozenTrial, seed: tuple[int, ...] | None) -> Proposal:
         """Propose a mask and store it, so that no two concurrent trials get the same new mask.
