@@ -288,7 +288,10 @@ def test_evop_batched_ask_without_waiting_overfills_instead() -> None:
 def test_evop_interrupted_wait_fails_its_trial() -> None:
     space = LayerMaskSpace(10, 3)
     study = evop_study(space, population_size=2, seed=0)
-    study.ask(), study.ask()
+    # Asked by another thread (as by another worker): this thread waits only on others' trials.
+    asker = threading.Thread(target=lambda: (study.ask(), study.ask()))
+    asker.start()
+    asker.join()
     sampler = study.sampler
     assert isinstance(sampler, EvoPSampler)
     original = sampler._propose

@@ -24,11 +24,11 @@ import warnings
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import optuna
-from optuna.distributions import BaseDistribution
+from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.exceptions import ExperimentalWarning
 from optuna.samplers import BaseSampler, RandomSampler
 from optuna.samplers._lazy_random_state import LazyRandomState
@@ -49,6 +49,7 @@ FIXED_PARAMS_KEY = "fixed_params"  # where Optuna's enqueue_trial keeps the enqu
 _LONG_WAIT = 600.0  # seconds of waiting on the same trials before a warning
 _ENUMERATE_LIMIT = 100_000  # below this many masks, a random search may list the unseen ones
 _MAX_CLAIMS = 20  # proposals a trial makes while workers of other processes claim the same masks
+_LOCAL_POLL = 0.05  # seconds between rereads while waiting on trials of this process's threads
 
 
 @dataclass
@@ -125,6 +126,9 @@ def _shared(storage: BaseStorage) -> bool:
     return not (isinstance(backend, RDBStorage) and backend.engine.dialect.name == "sqlite")
 
 
+_S = TypeVar("_S", bound="MaskSampler")
+
+
 class MaskSampler(BaseSampler, abc.ABC):
     """Base class of the samplers that propose exact-k layer masks of a :class:`LayerMaskSpace`.
 
@@ -139,20 +143,71 @@ class MaskSampler(BaseSampler, abc.ABC):
         seed: Fixes every random choice. With a seed, a trial's random state is derived from
             (seed, method, trial number), so a resumed run or a second worker proposes what an
             uninterrupted single run would, and same-seeded workers do not collide.
+        independent_sampler: Samples the params that are not part of the mask (default
+            ``RandomSampler(seed=seed)``), as Optuna's GA samplers do.
+
+    Mask params must be suggested as the space's distributions (``suggest_categorical(name,
+    [0, 1])``, or all at once with :func:`optuna_prune.subset.suggest_mask`); any other way
+    raises :class:`SpaceError`. A sampler pickles and deep-copies without its locks.
     """
 
     method: ClassVar[str] = "mask"
+    # Attributes that _init_process_state makes, so that pickling and copying leave them out.
+    _process_state: ClassVar[tuple[str, ...]] = (
+        "_proposing", "_told", "_held", "_proposals", "_checked"
+    )
     poll_interval: float = 0.5  # seconds between storage polls while waiting for other workers
 
-    def __init__(self, space: LayerMaskSpace, *, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        space: LayerMaskSpace,
+        *,
+        seed: int | None = None,
+        independent_sampler: BaseSampler | None = None,
+    ) -> None:
         if not isinstance(space, LayerMaskSpace):
             raise TypeError(f"space must be a LayerMaskSpace, got {type(space).__name__}")
+        if independent_sampler is not None and not isinstance(independent_sampler, BaseSampler):
+            raise TypeError(
+                f"independent_sampler must be an optuna BaseSampler, got {independent_sampler!r}"
+            )
         self._space = space
+        self._distributions = space.distributions()
         self._seed = seed
         self._rng = LazyRandomState(seed)
-        self._random_sampler = RandomSampler(seed=seed)
+        # Params that are not part of the mask (a user's learning rate), as Optuna's GA samplers do.
+        self._random_sampler = independent_sampler or RandomSampler(seed=seed)
+        self._init_process_state()
+
+    def _init_process_state(self) -> None:
+        """What belongs to this process only, so neither pickled nor copied: locks, live trials."""
         # Read storage, propose, write the mask: one step for the threads of this process.
         self._proposing = threading.Lock()
+        self._told = threading.Condition()  # notified when a trial of this process finishes
+        # (study name, trial number) -> thread that asked it: never wait on one's own trials.
+        self._held: dict[tuple[str, int], int] = {}
+        self._proposals: dict[int, tuple[int, ...]] = {}  # trial id -> mask, saves a read/param
+        self._checked: set[tuple[int, int]] = set()  # studies whose stored config matches (_check_config)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for name in self._process_state:
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_process_state()
+
+    @classmethod
+    def for_subset(
+        cls: type[_S], n: int, k: int, *, seed: int | None = None, **options: Any
+    ) -> _S:
+        """This sampler choosing ``k`` of ``n`` items (see :mod:`optuna_prune.subset`).
+
+        ``options`` are the constructor's other arguments, e.g. ``population_size`` for EvoP.
+        """
+        return cls(LayerMaskSpace(n, k), seed=seed, **options)
 
     @property
     def space(self) -> LayerMaskSpace:
@@ -181,15 +236,17 @@ class MaskSampler(BaseSampler, abc.ABC):
     def infer_relative_search_space(
         self, study: Study, trial: FrozenTrial
     ) -> dict[str, BaseDistribution]:
-        return dict(self._space.distributions())
+        # Mask params go one by one through sample_independent, which checks how each was asked
+        # for: Optuna's own check of a relative param fails with a message that names no fix.
+        return {}
 
     def sample_relative(
         self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
     ) -> dict[str, Any]:
-        if not search_space:
-            return {}
-        params = self._space.to_params(self._stored_proposal(study, trial))
-        return {name: params[name] for name in search_space if name in params}
+        return {
+            name: self.sample_independent(study, trial, name, distribution)
+            for name, distribution in search_space.items()
+        }
 
     def sample_independent(
         self,
@@ -198,9 +255,26 @@ class MaskSampler(BaseSampler, abc.ABC):
         param_name: str,
         param_distribution: BaseDistribution,
     ) -> Any:
-        if param_name in self._space.param_names:
-            return self._space.to_params(self._stored_proposal(study, trial))[param_name]
-        return self._random_sampler.sample_independent(study, trial, param_name, param_distribution)
+        expected = self._distributions.get(param_name)
+        if expected is None:
+            return self._random_sampler.sample_independent(
+                study, trial, param_name, param_distribution
+            )
+        if param_distribution != expected:
+            how = (
+                f"trial.suggest_categorical({param_name!r}, [0, 1])"
+                if isinstance(expected, CategoricalDistribution)
+                else f"trial.suggest_int({param_name!r}, {expected.low}, {expected.high})"  # type: ignore[attr-defined]
+            )
+            raise SpaceError(
+                f"parameter {param_name!r} is part of the sampler's mask but was suggested as "
+                f"{param_distribution}; suggest it as {how}, or let "
+                "optuna_prune.subset.suggest_mask suggest the whole mask"
+            )
+        dropped = self._proposals.get(trial._trial_id)
+        if dropped is None:
+            dropped = self._stored_proposal(study, trial)
+        return self._space.to_params(dropped)[param_name]
 
     def before_trial(self, study: Study, trial: FrozenTrial) -> None:
         storage = study._storage
@@ -209,6 +283,8 @@ class MaskSampler(BaseSampler, abc.ABC):
             storage.set_trial_system_attr(trial._trial_id, METHOD_KEY, self.method)
             self._check_config(study)
             proposal = self._claim(study, trial, self._preset_mask(trial))
+            self._proposals[trial._trial_id] = proposal.dropped
+            self._held[(study.study_name, trial.number)] = threading.get_ident()
             if proposal.stop:
                 _stop(study)
         except BaseException:
@@ -225,14 +301,56 @@ class MaskSampler(BaseSampler, abc.ABC):
         state: TrialState,
         values: Sequence[float] | None,
     ) -> None:
+        self._finish(study, trial, state)
         if state == TrialState.FAIL:
             return
         storage = study._storage
-        if storage.get_n_trials(study._study_id) < self._space.n_candidates:
-            return  # cheap: the space cannot be exhausted yet
+        if trial.number + 1 < self._space.n_candidates:
+            return  # no read: a later trial's after_trial sees the space exhausted
         trials = storage.get_all_trials(study._study_id, deepcopy=False)
         if self._exhausted(self._seen(trials)):
             _stop(study)
+
+    def _finish(self, study: Study, trial: FrozenTrial, state: TrialState) -> None:
+        """Forget a told trial, wake threads that wait on it, and check how its mask was asked.
+
+        A COMPLETE trial must carry every mask param or none of them, and with none of them it
+        must not carry 0/1 params of other names: those would be sampled at random, not as an
+        exact-k mask, and the search would silently learn nothing.
+        """
+        self._proposals.pop(trial._trial_id, None)
+        if self._held.pop((study.study_name, trial.number), None) is not None:
+            with self._told:
+                self._told.notify_all()
+        if state != TrialState.COMPLETE:
+            return
+        names = self._space.param_names
+        missing = [name for name in names if name not in trial.params]
+        if 0 < len(missing) < len(names):
+            raise SpaceError(
+                f"trial {trial.number} suggested only part of the exact-k mask (missing "
+                f"{missing[:3]}{'...' if len(missing) > 3 else ''}); suggest all "
+                f"{len(names)} mask params, e.g. with optuna_prune.subset.suggest_mask"
+            )
+        lookalike = self._distributions[names[0]]
+        foreign = [n for n, d in trial.distributions.items() if d == lookalike]
+        if missing and foreign:
+            raise SpaceError(
+                f"trial {trial.number} suggested {foreign[:3]}{'...' if len(foreign) > 3 else ''} "
+                f"like mask params, but this sampler proposes masks only as {names[0]!r}.."
+                f"{names[-1]!r}: name them so, e.g. with optuna_prune.subset.suggest_mask(trial, "
+                f"{self._space.num_layers}, {self._space.num_drop}); others are sampled at random"
+            )
+
+    def _held_here(self, study: Study, numbers: Sequence[int]) -> bool:
+        """Whether this very thread asked all these trials and has not told them (ask-and-tell):
+        waiting on them would never end."""
+        me = threading.get_ident()
+        return all(self._held.get((study.study_name, n)) == me for n in numbers)
+
+    def _held_in_process(self, study: Study, numbers: Sequence[int]) -> bool:
+        """Whether threads of this process run all these trials: their end wakes ``_told``."""
+        return all((study.study_name, n) in self._held for n in numbers)
 
     # --- for subclasses ------------------------------------------------------------------------
 
@@ -323,6 +441,8 @@ class MaskSampler(BaseSampler, abc.ABC):
         return dropped
 
     def _check_config(self, study: Study) -> None:
+        if (id(study._storage), study._study_id) in self._checked:
+            return  # once per study and process: the stored config is written only once
         key = self.config_key()
         stored = study._storage.get_study_system_attrs(study._study_id).get(key)
         mine = self.config()
@@ -333,6 +453,7 @@ class MaskSampler(BaseSampler, abc.ABC):
                 f"study {study.study_name!r} was searched by {self.method} with {stored}, "
                 f"but this sampler has {mine}; use the same settings to resume or a new study"
             )
+        self._checked.add((id(study._storage), study._study_id))
 
     def _claim(self, study: Study, trial: FrozenTrial, seed: tuple[int, ...] | None) -> Proposal:
         """Propose a mask and store it, so that no two concurrent trials get the same new mask.
@@ -385,7 +506,7 @@ class MaskSampler(BaseSampler, abc.ABC):
         # Poll without a timeout: a long LLM evaluation elsewhere is normal. Ctrl-C interrupts
         # the sleep; with heartbeats on, trials of dead workers are failed so the wait ends.
         waited_on: tuple[int, ...] | None = None
-        since = warned = time.monotonic()
+        since = warned = beaten = time.monotonic()
         while True:
             with self._proposing:
                 trials = study._storage.get_all_trials(study._study_id, deepcopy=False)
@@ -397,6 +518,12 @@ class MaskSampler(BaseSampler, abc.ABC):
                     mask = list(result.dropped)
                     study._storage.set_trial_system_attr(trial._trial_id, MASK_KEY, mask)
                     return result, trials
+            if self._held_here(study, result.on):
+                raise RuntimeError(
+                    f"trial {trial.number} ({self.method}) needs the results of trials "
+                    f"{list(result.on)}, which this thread asked for and has not told: "
+                    "tell them before asking again"
+                )
             now = time.monotonic()
             if result.on != waited_on:
                 waited_on, since = result.on, now
@@ -422,11 +549,17 @@ class MaskSampler(BaseSampler, abc.ABC):
                     list(result.on),
                     hint,
                 )
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ExperimentalWarning)
-                optuna.storages.fail_stale_trials(study)
-            time.sleep(self.poll_interval)
-            _beat(study, trial)
+            if self._held_in_process(study, result.on):
+                with self._told:  # woken as soon as one of them is told
+                    self._told.wait(min(_LOCAL_POLL, self.poll_interval))
+            else:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", ExperimentalWarning)
+                    optuna.storages.fail_stale_trials(study)
+                time.sleep(self.poll_interval)
+            if time.monotonic() - beaten >= self.poll_interval:
+                beaten = time.monotonic()
+                _beat(study, trial)
 
     def _with_state(
         self,

@@ -15,10 +15,12 @@ import functools
 import itertools
 import logging
 import math
+import threading
 from collections import defaultdict
 from typing import Any
 
 import numpy as np
+from optuna.samplers import BaseSampler
 from optuna.samplers._ga import BaseGASampler
 from optuna.samplers.nsgaii._elite_population_selection_strategy import (
     _crowding_distance_sort,
@@ -57,11 +59,12 @@ class EvoPSampler(MaskSampler, BaseGASampler):
         mutation_prob: Per-layer flip probability; default ``1 / L'`` (one flip on average).
         seed: Fixes every random choice (per trial number, so workers and resumes agree).
         wait_for_generation: With several workers, a trial of generation g+1 waits until every
-            member of g is finished (the parents must be known). False lets such a trial join
-            generation g instead; use it for batched ask-and-tell in one process, which would
-            otherwise wait on its own trials.
+            member of g is finished (the parents must be known). It never waits on trials that
+            the asking thread holds itself (batched ask-and-tell): such a trial joins generation
+            g instead, as every trial does with False.
         max_offspring_tries: Breeding attempts before an offspring that duplicates a known mask
             is walked away by level switches, then replaced by a random unseen mask.
+        independent_sampler: Samples params that are not part of the mask (default random).
 
     The offspring's trial gets ``STOP_ABOVE_KEY`` (single-objective minimisation only): the
     ``n_elite``-th best value among its generation's parents and finished members; a candidate
@@ -71,6 +74,7 @@ class EvoPSampler(MaskSampler, BaseGASampler):
     """
 
     method = "evop"
+    _process_state = (*MaskSampler._process_state, "_thread_lock")  # BaseGASampler's lock
 
     def __init__(
         self,
@@ -85,8 +89,9 @@ class EvoPSampler(MaskSampler, BaseGASampler):
         seed: int | None = None,
         wait_for_generation: bool = True,
         max_offspring_tries: int = 32,
+        independent_sampler: BaseSampler | None = None,
     ) -> None:
-        MaskSampler.__init__(self, space, seed=seed)
+        MaskSampler.__init__(self, space, seed=seed, independent_sampler=independent_sampler)
         n_free = len(space.droppable)
         size = max(10, n_free) if population_size is None else population_size
         if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 2:
@@ -116,6 +121,10 @@ class EvoPSampler(MaskSampler, BaseGASampler):
         self._mutation_prob = float(mutation)
         self._wait_for_generation = wait_for_generation
         self._max_tries = max(1, int(max_offspring_tries))
+
+    def _init_process_state(self) -> None:
+        super()._init_process_state()
+        self._thread_lock = threading.Lock()
 
     @property
     def n_elite(self) -> int:
@@ -205,7 +214,7 @@ class EvoPSampler(MaskSampler, BaseGASampler):
             if isinstance(parents, Wait):
                 if seed is not None:
                     parents = []  # a seed needs none; a threshold from fewer values stays safe
-                elif self._wait_for_generation:
+                elif self._wait_for_generation and not self._held_here(study, parents.on):
                     self._set_generation(storage, trial, generation)  # hold the slot meanwhile
                     return parents
                 else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from optuna.samplers import BaseSampler
 from optuna.study import Study
 from optuna.trial import FrozenTrial
 
@@ -50,12 +51,21 @@ class ExhaustiveMaskSampler(MaskSampler):
         space: The masks to enumerate.
         max_candidates: Refuse (``SpaceError``) spaces with more masks than this; an exhaustive
             search over them would not finish.
+        seed: Seeds the sampler of params that are not part of the mask (the order is fixed).
+        independent_sampler: Samples params that are not part of the mask (default random).
     """
 
     method = "exhaustive"
 
-    def __init__(self, space: LayerMaskSpace, *, max_candidates: int = 200_000) -> None:
-        super().__init__(space)
+    def __init__(
+        self,
+        space: LayerMaskSpace,
+        *,
+        max_candidates: int = 200_000,
+        seed: int | None = None,
+        independent_sampler: BaseSampler | None = None,
+    ) -> None:
+        super().__init__(space, seed=seed, independent_sampler=independent_sampler)
         n = space.n_candidates
         if n > max_candidates:
             raise SpaceError(

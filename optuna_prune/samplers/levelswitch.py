@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial
 
 from optuna_prune.samplers.base import trial_mask
@@ -49,6 +50,7 @@ class LevelSwitchSampler(EvoPSampler):
         wait_for_generation: See :class:`EvoPSampler`.
         max_offspring_tries: Redraws of an offspring that is already in the study before a
             random unseen mask is used instead.
+        independent_sampler: Samples params that are not part of the mask (default random).
     """
 
     method = "levelswitch"
@@ -62,6 +64,7 @@ class LevelSwitchSampler(EvoPSampler):
         seed: int | None = None,
         wait_for_generation: bool = True,
         max_offspring_tries: int = 32,
+        independent_sampler: BaseSampler | None = None,
     ) -> None:
         if isinstance(max_swaps, bool) or not isinstance(max_swaps, (int, np.integer)) or max_swaps < 1:
             raise ValueError(f"max_swaps={max_swaps!r} must be an integer >= 1")
@@ -75,6 +78,7 @@ class LevelSwitchSampler(EvoPSampler):
             seed=seed,
             wait_for_generation=wait_for_generation,
             max_offspring_tries=max_offspring_tries,
+            independent_sampler=independent_sampler,
         )
         self._max_swaps = int(max_swaps)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from optuna.samplers import BaseSampler
 from optuna.study import Study
 from optuna.trial import FrozenTrial
 
@@ -15,12 +16,19 @@ class RandomMaskSampler(MaskSampler):
     Args:
         space: The masks to search.
         seed: Fixes the masks (per trial number, so workers and resumed runs agree).
+        independent_sampler: Samples params that are not part of the mask (default random).
     """
 
     method = "random"
 
-    def __init__(self, space: LayerMaskSpace, *, seed: int | None = None) -> None:
-        super().__init__(space, seed=seed)
+    def __init__(
+        self,
+        space: LayerMaskSpace,
+        *,
+        seed: int | None = None,
+        independent_sampler: BaseSampler | None = None,
+    ) -> None:
+        super().__init__(space, seed=seed, independent_sampler=independent_sampler)
 
     def _propose(
         self,

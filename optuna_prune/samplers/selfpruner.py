@@ -180,6 +180,7 @@ class SelfPrunerSampler(EvoPSampler):
     """
 
     method = "selfpruner"
+    _process_state = (*EvoPSampler._process_state, "_local")
 
     def __init__(
         self,
@@ -207,9 +208,11 @@ class SelfPrunerSampler(EvoPSampler):
         self._temperature = float(temperature)
         self._attempts = int(attempts)
         self._max_errors = int(max_errors)
-        # Not search state: a per-call scratchpad and a per-process circuit breaker.
-        self._local = threading.local()
-        self._errors_in_a_row = 0
+        self._errors_in_a_row = 0  # a per-process circuit breaker, not search state
+
+    def _init_process_state(self) -> None:
+        super()._init_process_state()
+        self._local = threading.local()  # a per-call scratchpad
 
     # --- EvoP hooks ------------------------------------------------------------------------------
 

@@ -129,6 +129,7 @@ class SLEBSampler(MaskSampler):
         state: TrialState,
         values: Sequence[float] | None,
     ) -> None:
+        self._finish(study, trial, state)
         if state == TrialState.FAIL:
             return  # this worker goes on and proposes the candidate again
         trials = study._storage.get_all_trials(study._study_id, deepcopy=False)

@@ -1,0 +1,5 @@
+"""OptunaHub face of optuna-prune's RandomMaskSampler: the package code itself, imported, not copied."""
+
+from optuna_prune.subset import RandomMaskSampler, suggest_mask
+
+__all__ = ["RandomMaskSampler", "suggest_mask"]
