@@ -231,7 +231,9 @@ def _resolve(name: str) -> tuple[str, dict[str, Any], str]:
         hint = local_hint if name in SHORT_NAMES else "check that it is a complete, valid GGUF file"
         try:
             folder = SHORT_NAMES[name]() if name in SHORT_NAMES else gguf_checkpoint(path)
-        except (OSError, ValueError, NotImplementedError) as err:  # NotImplemented: an unknown GGUF layout
+        # transformers says a GGUF file's layout is unknown or inconsistent with NotImplementedError
+        # and RuntimeError (mismatched tensor sizes): the file is at fault, not this program.
+        except (OSError, ValueError, NotImplementedError, RuntimeError) as err:
             if isinstance(err, ModelNotFoundError):
                 raise
             raise _cannot_load(name, err, hint) from err

@@ -118,15 +118,17 @@ def test_per_sample_results_stream_in_order(tiny_model):
     assert result.value == pytest.approx(sum(s.loss_sum for s in result.samples) / result.total_tokens)
 
 
-def test_kl_fitness_is_zero_dense_and_matches_plain(tiny_model):
+@pytest.mark.parametrize("cache_bytes", [1 << 30, 0])  # dense log-probs cached, or recomputed by chunks
+def test_kl_fitness_is_zero_dense_and_matches_plain(tiny_model, cache_bytes):
     model = tiny_model("qwen2", num_layers=6)
     calib = random_calibration()
-    fitness = KLFitness(model, calib)
+    fitness = KLFitness(model, calib, dense_cache_bytes=cache_bytes)
     assert fitness.evaluate(()).value == 0.0
     for mask in [(1,), (2, 4), (0, 5)]:
         got = fitness.evaluate(mask).value
         assert got > 0
         assert got == pytest.approx(plain_forward_loss(model, calib, mask, kind="kl"), rel=1e-4, abs=1e-6)
+    assert len(fitness._dense_logp) == (0 if cache_bytes == 0 else len(calib.input_ids))
 
 
 def test_nan_loss_is_a_failure_not_a_score(tiny_model):

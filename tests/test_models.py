@@ -160,3 +160,21 @@ def test_failed_save_leaves_no_folder(tiny_model, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="not serializable"):
         save_pruned(second, [2], kept)
     assert [p.name for p in kept.iterdir()] == ["note.txt"]
+
+
+def test_gguf_of_an_architecture_transformers_cannot_read_gives_one_line(tmp_path, monkeypatch):
+    import gguf
+
+    monkeypatch.setenv("OPTUNA_PRUNE_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "neox.gguf"
+    writer = gguf.GGUFWriter(str(path), "gptneox")
+    writer.add_block_count(2)
+    writer.add_tensor("token_embd.weight", torch.zeros(8, 4).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelNotFoundError, match="gptneox") as err:
+        load_model(path, device="cpu")
+    assert str(path) in str(err.value) and "GGUF" in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "cache" / "gguf").exists() or not any((tmp_path / "cache" / "gguf").iterdir())

@@ -105,7 +105,7 @@ def test_kl_targets_are_the_dense_logits_and_score_zero_unmasked(tiny_model) -> 
         assert float(token_losses(tail, features, ids, features).max()) < 1e-6
         with masked(model, (1,)):
             pruned = model_features(model, ids)
-    kl = token_losses(tail, pruned, ids, features)
+        kl = token_losses(tail, pruned, ids, features)
     assert kl.shape == (2, ids.shape[1] - 1) and float(kl.min()) >= 0 and float(kl.sum()) > 0
     with pytest.raises(ValueError, match="dense"):
         MaskTraining(model, (1,), token_data(model, ids, "lm"), TrainSettings(loss="kl"), keep=True)
