@@ -257,6 +257,20 @@ def test_objectives_are_named_for_new_and_old_studies(tmp_path):
     assert worst.metric_names == ["worst-cluster KL to the dense model"]
 
 
+def test_dashboard_names_the_objectives_of_old_studies(tmp_path, monkeypatch):
+    import optuna_dashboard
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    old = optuna.create_study(study_name="old", storage=url)
+    old.set_user_attr("problem", {"fitness": "perplexity", "objective_mode": "mean", "ccds_clusters": 0})
+    optuna.create_study(study_name="foreign", storage=url)  # not optuna-prune's: left alone
+    served = []
+    monkeypatch.setattr(optuna_dashboard, "run_server", lambda storage, **kw: served.append(storage))
+    assert main(["dashboard", "--storage", url]) == 0 and served
+    assert optuna.load_study(study_name="old", storage=url).metric_names == ["calibration NLL"]
+    assert optuna.load_study(study_name="foreign", storage=url).metric_names is None
+
+
 def test_show_counts_finished_trials_and_running_ones_apart(recorded_study, capsys):
     from optuna.trial import create_trial
 
