@@ -171,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-seq-len", type=int, help="tokens per held-out window (default: the search's seq_len)")
     p.add_argument("--device")
 
+    p = sub.add_parser("fail-stale", help="fail the RUNNING trials whose worker is gone (killed, or its "
+                       "heartbeat stale) and re-queue their candidates, after a confirmation")
+    p.add_argument("study")
+    p.add_argument("--storage")
+    p.add_argument("--yes", action="store_true", help="fail them without asking (needed without a terminal)")
+
     p = sub.add_parser("dashboard", help="start optuna-dashboard on the storage")
     p.add_argument("--storage", help=STORAGE_HELP)
     p.add_argument("--host", default="127.0.0.1")
@@ -337,6 +343,33 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     _table(("perplexity", "before", "after"), rows)
 
 
+def cmd_fail_stale(args: argparse.Namespace) -> None:
+    from optuna_prune.heartbeat import MAX_RETRY
+    from optuna_prune.study import fail_gone_trials, gone_trials, load_existing_study
+
+    if not args.yes and not sys.stdin.isatty():
+        raise ConfigError("fail-stale asks before it fails trials, and stdin is not a terminal: "
+                          "pass --yes to fail them without asking")
+    study = load_existing_study(args.study, args.storage)
+    gone = gone_trials(study)
+    if not gone:
+        print(f"no RUNNING trial of study {study.study_name!r} has a gone worker; nothing to do")
+        return
+    _table(("trial", "worker", "why"), [(t.number, t.user_attrs.get("worker", "-"), why) for t, why in gone])
+    if not args.yes:
+        try:
+            answer = input(f"Fail these {len(gone)} trials and re-queue their candidates? [y/N] ")
+        except EOFError:
+            answer = ""
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing changed")
+            return
+    failed = fail_gone_trials(study, gone)
+    late = f"; {len(gone) - len(failed)} finished meanwhile and were left alone" if len(failed) < len(gone) else ""
+    print(f"failed {len(failed)} trials ({', '.join(str(t.number) for t in failed) or 'none'}); their candidates "
+          f"are queued again for the workers (each at most {MAX_RETRY} times){late}")
+
+
 def cmd_dashboard(args: argparse.Namespace) -> None:
     import optuna
     from optuna_dashboard import run_server
@@ -401,7 +434,7 @@ class _TrialFailureLines(logging.Filter):
 
 COMMANDS = {"search": cmd_search, "create": cmd_create, "worker": cmd_worker, "studies": cmd_studies,
             "show": cmd_show, "report": cmd_report, "finetune": cmd_finetune, "export": cmd_export, "evaluate": cmd_evaluate,
-            "dashboard": cmd_dashboard}
+            "fail-stale": cmd_fail_stale, "dashboard": cmd_dashboard}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

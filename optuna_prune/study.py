@@ -8,9 +8,11 @@ the same command resumes: finished trials are kept, the evolution continues from
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import platform
+import re
 import socket
 import time
 import warnings
@@ -24,8 +26,8 @@ import numpy as np
 import optuna
 import sqlalchemy
 import sqlalchemy.exc
-from optuna.exceptions import ExperimentalWarning
-from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
+from optuna.storages import RDBStorage
 from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.storages._rdb import models as rdb_models
 from optuna.storages.journal import JournalFileBackend
@@ -33,6 +35,15 @@ from optuna.trial import TrialState
 
 from optuna_prune import __version__
 from optuna_prune.config import DEFAULT_STORAGE, ConfigError, SearchConfig
+from optuna_prune.heartbeat import (
+    FAIL_REASON,
+    LEASE_KEY,
+    HeartbeatRDBStorage,
+    LeasedJournalStorage,
+    RetryStaleTrial,
+    grace_of,
+    stale_reason,
+)
 from optuna_prune.samplers import sleb_result, trial_mask
 from optuna_prune.samplers.base import storage_backend
 from optuna_prune.space import (
@@ -42,6 +53,8 @@ from optuna_prune.space import (
     SubBlockSpace,
     resolve_num_drop,
 )
+
+_logger = logging.getLogger(__name__)
 
 PROBLEM_ATTR = "problem"
 # The parts of a problem a resumed study must share with the one that created it.
@@ -68,20 +81,26 @@ class BudgetReached(RuntimeError):
 
 
 def open_storage(url: str | None, heartbeat: int = 20, create: bool = True) -> optuna.storages.BaseStorage:
-    """An RDB storage with heartbeats (killed workers' trials are failed and retried), or a journal file.
+    """An RDB storage or a journal file, both with heartbeats: killed workers' trials are failed and retried.
 
-    A RUNNING trial whose process sent no heartbeat for ``3 * heartbeat`` seconds is failed and
-    re-queued with the same params. ``url`` None is :data:`~optuna_prune.config.DEFAULT_STORAGE`.
-    ``create=False`` (commands that only read studies) refuses a SQLite or journal file that does
-    not exist, instead of leaving an empty database behind.
+    A RUNNING trial whose process sent no heartbeat for ``3 * heartbeat`` seconds is failed with a
+    ``fail_reason`` and re-queued with the same params (see :mod:`optuna_prune.heartbeat`). ``url``
+    None is :data:`~optuna_prune.config.DEFAULT_STORAGE`. ``create=False`` (commands that only read
+    studies) refuses a SQLite or journal file that does not exist, instead of leaving an empty
+    database behind.
 
-    ``*.log`` / ``*.journal`` paths give a JournalStorage (many processes, no database server).
+    ``*.log`` / ``*.journal`` paths give a journal storage (many processes, no database server),
+    whose heartbeats renew a lease on the trial.
     """
     url = url or DEFAULT_STORAGE
+    beats = dict(
+        heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
+        heartbeat_stale_trial_callback=RetryStaleTrial(),
+    )
     if url.endswith((".log", ".journal")) and "://" not in url:
         _require_file(Path(url), url, create)
         Path(url).parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(url))
+        return LeasedJournalStorage(JournalFileBackend(url), **beats)
     try:
         parsed = sqlalchemy.engine.make_url(url)
     except sqlalchemy.exc.ArgumentError:
@@ -93,12 +112,7 @@ def open_storage(url: str | None, heartbeat: int = 20, create: bool = True) -> o
         _require_file(Path(parsed.database).expanduser(), url, create)
         Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
     try:
-        return RDBStorage(
-            url,
-            heartbeat_interval=heartbeat,
-            grace_period=3 * heartbeat,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
-        )
+        return HeartbeatRDBStorage(url, **beats)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise StorageError(f"cannot open storage {url!r}: {first}") from None
@@ -409,34 +423,116 @@ def fail_orphaned_trials(study: optuna.Study) -> None:
     Optuna fails a RUNNING trial once its heartbeat is stale, never one without any: a process
     killed between creating a trial and its sampler's first heartbeat leaves it RUNNING forever.
     In SQLite, after :func:`refuse_concurrent_sqlite` found no other live process, every such
-    trial is an orphan; on a server, one older than the grace period is (a live worker's sampler
-    records a heartbeat right after creating the trial).
+    trial is an orphan; on a server or a journal file, one older than the grace period is (a live
+    worker's sampler records a heartbeat right after creating the trial).
     """
-    storage = _beating_rdb(study)
+    storage = _beating(study)
     if storage is None:
         return
-    grace = 0.0 if storage.engine.dialect.name == "sqlite" else _grace(storage)
-    beats = _running_heartbeats(storage, study._study_id)
+    sqlite = isinstance(storage, RDBStorage) and storage.engine.dialect.name == "sqlite"
+    grace = 0.0 if sqlite else _grace(storage)
+    beats = _last_heartbeats(study)
     now = datetime.now()  # local clock, as optuna writes datetime_start
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if t.number in beats or t.datetime_start is None:
             continue
         if (now - t.datetime_start).total_seconds() > grace:
             study._storage.set_trial_user_attr(
-                t._trial_id, "fail_reason", "orphaned: its process died before its first heartbeat"
+                t._trial_id, FAIL_REASON, "orphaned: its process died before its first heartbeat"
             )
             study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
 
 
+def gone_trials(study: optuna.Study, grace: float | None = None) -> list[tuple[optuna.trial.FrozenTrial, str]]:
+    """The RUNNING trials of ``study`` whose worker is gone, each with the ``fail_reason`` to record.
+
+    A worker is gone when its heartbeat (on a journal file, its lease) is older than ``grace``
+    seconds (default: the workers' grace period, 3 x the heartbeat the study's config recorded);
+    when its trial never had a heartbeat and started longer than that ago; or when it is a process
+    of this host that no longer exists (then at once, without waiting out the grace period; host
+    names must tell the hosts apart). A trial of this very process is never gone. Works on every
+    storage, with or without heartbeats.
+    """
+    if grace is None:
+        heartbeat = (study.user_attrs.get("config") or {}).get("heartbeat")
+        backend = storage_backend(study._storage)
+        if heartbeat:
+            grace = 3.0 * heartbeat  # as open_storage gives the workers
+        else:
+            grace = _grace(backend) if is_heartbeat_enabled(backend) else 60.0  # open_storage's default
+    beats = _last_heartbeats(study)
+    me, now = f"{socket.gethostname()}:{os.getpid()}", datetime.now()
+    gone = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = t.user_attrs.get("worker")
+        since, age = beats.get(t.number, (None, None))
+        if worker != me and _gone(worker):
+            last = "no heartbeat yet" if since is None else f"last heartbeat {since:%Y-%m-%d %H:%M:%S}"
+            gone.append((t, f"worker {worker} gone: its process no longer exists ({last})"))
+        elif age is not None and age > grace:
+            gone.append((t, stale_reason(worker, since, age, grace)))
+        elif age is None and t.datetime_start is not None and (now - t.datetime_start).total_seconds() > grace:
+            gone.append((t, f"orphaned: no heartbeat in the {(now - t.datetime_start).total_seconds():.0f} s "
+                            f"since it started (grace period {grace:.0f} s)"))
+    return gone
+
+
+def fail_gone_trials(
+    study: optuna.Study, gone: list[tuple[optuna.trial.FrozenTrial, str]] | None = None
+) -> list[optuna.trial.FrozenTrial]:
+    """FAIL the trials of gone workers (:func:`gone_trials`, or ``gone``) with their reasons, and
+    re-queue each the way a stale heartbeat's trial is (same params and system attrs, so the same
+    mask and generation). A trial that finished meanwhile is left alone. Returns the failed trials.
+    """
+    storage = study._storage
+    backend = storage_backend(storage)
+    retry = (backend.get_heartbeat_stale_trial_callback() if is_heartbeat_enabled(backend) else None) or RetryStaleTrial()
+    failed = []
+    for trial, reason in gone_trials(study) if gone is None else gone:
+        try:
+            storage.set_trial_user_attr(trial._trial_id, FAIL_REASON, reason)
+            if not storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+                continue
+        except UpdateFinishedTrialError:  # its worker was alive after all, or another process failed it
+            continue
+        frozen = storage.get_trial(trial._trial_id)
+        retry(study, frozen)
+        failed.append(frozen)
+    return failed
+
+
+def _beating(study: optuna.Study) -> Any:
+    """The study's storage (unwrapped from optuna's cache) if it records heartbeats, else None."""
+    storage = storage_backend(study._storage)
+    return storage if is_heartbeat_enabled(storage) else None
+
+
 def _beating_rdb(study: optuna.Study) -> RDBStorage | None:
     """The study's RDB storage (unwrapped from optuna's cache) if it records heartbeats, else None."""
-    storage = storage_backend(study._storage)
-    return storage if isinstance(storage, RDBStorage) and is_heartbeat_enabled(storage) else None
+    storage = _beating(study)
+    return storage if isinstance(storage, RDBStorage) else None
 
 
-def _grace(storage: RDBStorage) -> float:
+def _grace(storage: Any) -> float:
     """Seconds without a heartbeat after which a RUNNING trial counts as dead (optuna's rule)."""
-    return storage.grace_period or 2 * storage.heartbeat_interval
+    return grace_of(storage)
+
+
+def _last_heartbeats(study: optuna.Study) -> dict[int, tuple[datetime, float]]:
+    """Trial number -> (last heartbeat, its age in seconds) of the study's RUNNING trials that had one.
+
+    On RDB, both come from the database server's clock (as optuna's stale check); on a journal
+    file, the lease holds the renewing process's wall-clock time, compared with this one's.
+    """
+    storage = storage_backend(study._storage)
+    if isinstance(storage, RDBStorage):
+        return _running_heartbeats(storage, study._study_id)
+    now, beats = time.time(), {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        lease = t.system_attrs.get(LEASE_KEY)
+        if lease is not None:
+            beats[t.number] = (datetime.fromtimestamp(lease), now - lease)
+    return beats
 
 
 def _running_heartbeats(storage: RDBStorage, study_id: int) -> dict[int, tuple[Any, float]]:
@@ -733,30 +829,125 @@ def run_search(
     if on_study is not None:
         on_study(study)
     budget = setup.budget
-    remaining = None if budget is None else budget.n_trials - budget.done(study)
-    if max_trials is not None:
-        remaining = max_trials if remaining is None else min(remaining, max_trials)
-    if (remaining is None or remaining > 0) and (budget is None or budget.has_room(study)):
-        method = budget.method if budget is not None else cfg.sampler
-        total = budget.n_trials if budget is not None else getattr(study.sampler, "planned_trials", lambda: None)()
-        shown = SearchProgress(study, method, total, enabled=progress,
-                               perplexity=cfg.fitness == "perplexity" and cfg.objective_mode == "mean")
-        try:
-            study.optimize(
-                setup.objective if budget is None else budget.guard(setup.objective),
-                n_trials=remaining,
-                timeout=cfg.timeout,
-                catch=(*setup.catch, BudgetReached),
-                callbacks=[shown] + ([budget] if budget is not None else []),
-            )
-        except BaseException as exc:
-            if interrupted(exc):
-                fail_own_running_trials(study)
-            raise
-        finally:
+    own = _OwnTrials(setup.objective if budget is None else budget.guard(setup.objective))
+    shown: SearchProgress | None = None
+    started, rounds = time.monotonic(), 0
+    try:
+        while True:  # one round, and one more after each trial taken from this worker
+            remaining = None if budget is None else budget.n_trials - budget.done(study)
+            if max_trials is not None:
+                mine = max_trials - own.started
+                remaining = mine if remaining is None else min(remaining, mine)
+            timeout = cfg.timeout
+            if rounds and timeout is not None:
+                timeout -= time.monotonic() - started
+                if timeout <= 0:
+                    break
+            if (remaining is not None and remaining <= 0) or (budget is not None and not budget.has_room(study)):
+                break
+            rounds += 1
+            if shown is None:
+                method = budget.method if budget is not None else cfg.sampler
+                total = budget.n_trials if budget is not None else getattr(study.sampler, "planned_trials", lambda: None)()
+                shown = SearchProgress(study, method, total, enabled=progress,
+                                       perplexity=cfg.fitness == "perplexity" and cfg.objective_mode == "mean")
+            try:
+                study.optimize(
+                    own,
+                    n_trials=remaining,
+                    timeout=timeout,
+                    catch=(*setup.catch, BudgetReached),
+                    callbacks=[shown] + ([budget] if budget is not None else []),
+                )
+            except BaseException as exc:
+                if interrupted(exc):
+                    fail_own_running_trials(study)
+                    raise
+                taken = _taken_trial(study, exc, own)
+                if taken is None:
+                    raise
+                _logger.warning(
+                    "optuna-prune: trial %d was taken from this worker (%s), which was frozen past the "
+                    "heartbeat grace period; another worker failed and re-queued it: this worker's "
+                    "result for it is dropped, going on with the next trial",
+                    taken.number, taken.user_attrs.get(FAIL_REASON, taken.state.name),
+                )
+                continue
+            break
+    finally:
+        if shown is not None:
             shown.close()
     summarise(study)
     return study
+
+
+class TrialTaken(BaseException):
+    """This worker's trial was finished by another process while the objective ran: failed and
+    re-queued because this worker was frozen (paused, swapped out, suspended) past the heartbeat
+    grace period, so its heartbeat went stale.
+
+    A BaseException, as KeyboardInterrupt is, so that optuna's trial loop lets it through without
+    telling the trial: the trial is finished already, and its retry belongs to whoever runs it.
+    """
+
+    def __init__(self, trial: optuna.trial.FrozenTrial) -> None:
+        super().__init__(f"trial {trial.number} is {trial.state.name}: another process finished it")
+        self.trial = trial
+
+
+class _OwnTrials:
+    """The objective, except that a trial another process finished meanwhile raises TrialTaken;
+    counts the trials this process started (``started``)."""
+
+    def __init__(self, objective: Callable[[optuna.Trial], Any]) -> None:
+        self.objective = objective
+        self.started = 0
+        self.current: optuna.Trial | None = None
+
+    def __call__(self, trial: optuna.Trial) -> Any:
+        self.started += 1
+        self.current = trial
+        try:
+            result = self.objective(trial)
+        except Exception as exc:  # TrialPruned too; a write to the finished trial raises UpdateFinishedTrialError
+            self._check(trial, exc)
+            raise
+        self._check(trial)
+        return result
+
+    @staticmethod
+    def _check(trial: optuna.Trial, cause: BaseException | None = None) -> None:
+        stored = trial.study._storage.get_trial(trial._trial_id)
+        if stored.state.is_finished():
+            raise TrialTaken(stored) from cause
+
+
+def _taken_trial(study: optuna.Study, exc: BaseException, own: _OwnTrials) -> optuna.trial.FrozenTrial | None:
+    """The trial of this process that ``exc`` (raised by ``study.optimize``) says another process
+    finished, else None.
+
+    Taken in the objective: TrialTaken. Taken while the sampler proposed its mask: the sampler's
+    next write raises UpdateFinishedTrialError out of ``study.ask`` (the trial never reached the
+    objective, so it is counted here). Taken between the objective's end and optuna's tell: the
+    tell raises UpdateFinishedTrialError or "Cannot tell a FAIL trial", which optuna's cleanup may
+    replace with an AssertionError of its own (the original is its ``__context__``).
+    """
+    while exc is not None:
+        if isinstance(exc, TrialTaken):
+            return exc.trial
+        if isinstance(exc, UpdateFinishedTrialError) and (found := re.search(r"Trial#(\d+)", str(exc))):
+            trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, int(found[1]))
+            trial = study._storage.get_trial(trial_id)
+            if not trial.state.is_finished():
+                return None
+            if own.current is None or own.current._trial_id != trial_id:
+                own.started += 1
+            return trial
+        if isinstance(exc, ValueError) and str(exc).startswith("Cannot tell a ") and own.current is not None:
+            trial = study._storage.get_trial(own.current._trial_id)
+            return trial if trial.state.is_finished() else None
+        exc = exc.__context__
+    return None
 
 
 def interrupted(exc: BaseException | None) -> bool:

@@ -6,7 +6,9 @@ calibration set, sampler and budget come from the config the study recorded, so 
 scores masks with the same fitness. Nothing is coordinated in memory: the evolution keeps its
 generations and parents in storage (samplers/evop.py), the method's trial budget is counted in
 storage (``MethodBudget``), and a killed worker's trial is failed after its heartbeat grace
-period and re-queued with the same mask for another worker. SQLite is for one process.
+period and re-queued with the same mask for another worker (on a journal file, heartbeats renew a
+lease: see optuna_prune.heartbeat). A worker frozen past that period drops the trial taken from it
+and goes on. SQLite is for one process.
 """
 
 from __future__ import annotations

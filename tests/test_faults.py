@@ -3,20 +3,31 @@ that blows up (NaN loss, out of memory) is recorded FAIL with its reason and nev
 
 from __future__ import annotations
 
+import re
+import time
 from pathlib import Path
 
 import optuna
 import pytest
 import torch
 import transformers as tf
+from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from optuna_prune.cli import main
 from optuna_prune.config import SearchConfig, load_config
 from optuna_prune.fitness import PerplexityFitness
+from optuna_prune.heartbeat import LEASE_KEY
 from optuna_prune.samplers import PARENTS_KEY, EvoPSampler
+from optuna_prune.samplers.base import MaskSampler
 from optuna_prune.space import LayerMaskSpace
-from optuna_prune.study import method_trials, open_storage, run_search
+from optuna_prune.study import (
+    fail_gone_trials,
+    gone_trials,
+    method_trials,
+    open_storage,
+    run_search,
+)
 from optuna_prune.worker import create_study
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -203,3 +214,91 @@ def test_out_of_memory_candidate_fails_and_the_search_goes_on(tiny_checkpoint, t
     study = run_with_enqueued(search_config(tiny_checkpoint, tmp_path), bad)
     failed = assert_failures_isolated(study, "OutOfMemoryError: CUDA out of memory")
     assert failed[0].number == 0 and all(t.user_attrs["dropped"] == list(bad) for t in failed)
+
+
+# --- trials of dead workers ----------------------------------------------------------------------
+
+STALE = re.compile(r"heartbeat stale: worker elsewhere:4242 gone since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
+                   r"\(no heartbeat for \d+ s, grace period 3 s\)")
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_stale_heartbeat_fails_the_trial_with_a_reason_and_retries_it_without(tmp_path, kind):
+    """A trial whose heartbeat (journal: lease) is older than the grace period is failed with a
+    fail_reason naming its worker and last heartbeat, and re-queued as a fresh attempt: same params,
+    no fail_reason, no inherited lease (which would make the retry stale as soon as it is picked up)."""
+    url = f"sqlite:///{tmp_path / 's.db'}" if kind == "sqlite" else str(tmp_path / "s.log")
+    study = optuna.create_study(study_name="s", storage=open_storage(url, heartbeat=1))
+    trial = study.ask({"x": FloatDistribution(0, 1)})
+    study._storage.set_trial_user_attr(trial._trial_id, "worker", "elsewhere:4242")
+    study._storage.record_heartbeat(trial._trial_id)
+    optuna.storages.fail_stale_trials(study)
+    assert study.trials[0].state == TrialState.RUNNING and not gone_trials(study)  # fresh
+    time.sleep(4.5)  # past the grace period of 3 heartbeats (SQLite keeps whole seconds)
+    assert [(t.number, STALE.fullmatch(why) is not None) for t, why in gone_trials(study)] == [(0, True)]
+    optuna.storages.fail_stale_trials(study)  # what every worker runs before each trial and while it waits
+    lost, retry = study.trials
+    assert lost.state == TrialState.FAIL and STALE.fullmatch(lost.user_attrs["fail_reason"]), lost.user_attrs
+    assert retry.state == TrialState.WAITING and retry.system_attrs["failed_trial"] == 0
+    assert not {"fail_reason", "worker"} & set(retry.user_attrs) and LEASE_KEY not in retry.system_attrs
+    assert retry.params == lost.params
+    assert study.ask().number == 1  # the retry, RUNNING again: not stale before its first heartbeat
+    optuna.storages.fail_stale_trials(study)
+    assert study.trials[1].state == TrialState.RUNNING and len(study.trials) == 2
+    assert not fail_gone_trials(study)  # nothing of a gone worker is left
+
+
+def _take_running_trial(storage: str, study_name: str) -> int:
+    """What another worker does to this one's trial once its heartbeat is stale: fail it with a
+    reason and re-queue it. Returns the trial's number."""
+    study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
+    (running,) = study.get_trials(states=(TrialState.RUNNING,))
+    reason = "heartbeat stale: worker elsewhere:4242 gone since 2026-01-01 00:00:00 (no heartbeat for 9 s, grace period 3 s)"
+    assert [t.number for t in fail_gone_trials(study, [(running, reason)])] == [running.number]
+    return running.number
+
+
+@pytest.mark.parametrize("where", ["objective", "sampler"])
+def test_a_trial_taken_from_a_frozen_worker_is_dropped_and_the_search_goes_on(tiny_checkpoint, tmp_path, monkeypatch,
+                                                                              caplog, where):
+    """In-process twin of the SIGSTOP test in test_workers.py: the third trial is failed and re-queued
+    by "another worker" while this one evaluates it (or while its sampler proposes it). The next
+    write to it raises UpdateFinishedTrialError; the search drops it with one warning, goes on,
+    and meets its budget exactly."""
+    cfg = search_config(tiny_checkpoint, tmp_path, n_trials=8)
+    taken: list[int] = []
+
+    def take_third(calls=[0]):  # noqa: B006, ANN001, ANN202
+        calls[0] += 1
+        if calls[0] == 3:
+            taken.append(_take_running_trial(cfg.storage, cfg.study))
+
+    if where == "objective":
+        iter_samples = PerplexityFitness.iter_samples
+
+        def samples(self, dropped):  # noqa: ANN001, ANN202
+            take_third()
+            yield from iter_samples(self, dropped)
+
+        monkeypatch.setattr(PerplexityFitness, "iter_samples", samples)
+    else:
+        claim = MaskSampler._claim
+
+        def claim_after(self, study, trial, seed):  # noqa: ANN001, ANN202
+            take_third()
+            return claim(self, study, trial, seed)
+
+        monkeypatch.setattr(MaskSampler, "_claim", claim_after)
+    with caplog.at_level("WARNING", logger="optuna_prune.study"):
+        study = run_search(cfg, progress=False)
+    (number,) = taken
+    warned = [r.getMessage() for r in caplog.records if "taken from this worker" in r.getMessage()]
+    assert len(warned) == 1 and f"trial {number} was taken" in warned[0] and "elsewhere:4242" in warned[0]
+    lost = study.trials[number]
+    assert lost.state == TrialState.FAIL and lost.user_attrs["fail_reason"].startswith("heartbeat stale")
+    (retry,) = [t for t in study.trials if t.system_attrs.get("failed_trial") == number]
+    assert retry.state in (TrialState.COMPLETE, TrialState.PRUNED) and "fail_reason" not in retry.user_attrs
+    if where == "objective":  # it had its mask: the retry scores the same one
+        assert retry.user_attrs["dropped"] == lost.user_attrs["dropped"]
+    assert len(method_trials(study, "evop", (TrialState.COMPLETE, TrialState.PRUNED))) == 8
+    assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))

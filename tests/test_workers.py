@@ -7,6 +7,7 @@ server answers. Workers use one CPU thread each, as one worker per GPU would.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import signal
@@ -17,6 +18,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import optuna
@@ -24,6 +26,7 @@ import pytest
 from optuna.trial import TrialState
 
 from optuna_prune.cli import main
+from optuna_prune.heartbeat import LEASE_KEY
 from optuna_prune.samplers import MASK_KEY, PARENTS_KEY, EvoPSampler
 from optuna_prune.space import METHOD_KEY
 from optuna_prune.study import ConcurrentSQLiteError, open_storage
@@ -259,6 +262,147 @@ def _kill_mid_trial(storage: str, proc: subprocess.Popen) -> tuple[int, float]:
             proc.send_signal(signal.SIGCONT)
         time.sleep(0.05)
     raise AssertionError("the worker never ran a trial")
+
+
+def _freeze_mid_trial(storage: str, proc: subprocess.Popen) -> int:
+    """SIGSTOP ``proc`` while it holds a RUNNING trial (after its first two); that trial's number."""
+    me = worker_id(proc)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read()
+        mine = [t for t in load(storage).get_trials(deepcopy=False) if t.user_attrs.get("worker") == me]
+        if sum(t.state.is_finished() for t in mine) >= 2 and any(t.state == TrialState.RUNNING for t in mine):
+            proc.send_signal(signal.SIGSTOP)
+            running = [t for t in load(storage).get_trials(deepcopy=False)
+                       if t.user_attrs.get("worker") == me and t.state == TrialState.RUNNING]
+            if running:
+                return running[0].number
+            proc.send_signal(signal.SIGCONT)
+        time.sleep(0.05)
+    raise AssertionError("the worker never ran a trial")
+
+
+def check_retried(study: optuna.Study, lost_number: int, reason_start: str) -> optuna.trial.FrozenTrial:
+    """The lost trial is FAIL with ``reason_start...`` as fail_reason; its retry ran the same candidate
+    (same mask, same generation) as a fresh attempt. Returns the retry."""
+    lost = study.trials[lost_number]
+    assert lost.state == TrialState.FAIL
+    assert lost.user_attrs["fail_reason"].startswith(reason_start), lost.user_attrs["fail_reason"]
+    (retry,) = [t for t in study.trials if t.system_attrs.get("failed_trial") == lost_number]
+    assert retry.state in (TrialState.COMPLETE, TrialState.PRUNED)
+    assert retry.user_attrs["dropped"] == lost.user_attrs["dropped"]
+    assert retry.system_attrs[GENERATION] == lost.system_attrs[GENERATION]
+    assert "fail_reason" not in retry.user_attrs
+    return retry
+
+
+@pytest.mark.postgres
+def test_worker_frozen_past_the_grace_period_drops_its_taken_trial_and_goes_on(deep_checkpoint, pg_url):
+    """SIGSTOP a worker mid-trial for longer than the heartbeat grace period (3 x 1 s): the other
+    worker fails its trial ("heartbeat stale") and re-queues it. On SIGCONT the frozen worker must
+    not crash (optuna's "Cannot tell a FAIL trial"): it drops its result with one warning line and
+    goes on with the next trial, and the budget and the stored trials stay right."""
+    create(deep_checkpoint, pg_url, 32, 1)
+    frozen, other = start_worker(pg_url), start_worker(pg_url)
+    try:
+        taken = _freeze_mid_trial(pg_url, frozen)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # until the other worker failed it and queued its retry
+            study = load(pg_url)
+            if study.trials[taken].state == TrialState.FAIL and any(
+                t.system_attrs.get("failed_trial") == taken for t in study.trials
+            ):
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"trial {taken} of the frozen worker was never failed")
+        resumed = datetime.now()
+        frozen.send_signal(signal.SIGCONT)
+        wait_all([frozen, other])
+        err = frozen.stderr.read()
+    finally:
+        for p in (frozen, other):
+            p.kill()
+            p.wait()
+    study = load(pg_url)
+    me = worker_id(frozen)
+    check_retried(study, taken, f"heartbeat stale: worker {me} gone since ")
+    warnings = [line for line in err.splitlines() if "taken from this worker" in line]
+    assert len(warnings) == 1 and f"trial {taken} was taken" in warnings[0], err
+    assert "internal error" not in err and "Traceback" not in err, err
+    after = [t for t in finished(study) if t.user_attrs["worker"] == me and t.datetime_start > resumed]
+    assert after, "the frozen worker did not go on with the next trial"
+    check_evolution(study, budget=32, killed=(taken,))
+
+
+def test_sigkilled_journal_worker_trial_is_failed_and_retried(deep_checkpoint, tmp_path):
+    """A journal file has no database heartbeats: the workers renew a lease on their trials
+    instead. SIGKILL one of two workers mid-trial: the other fails its trial once the lease is
+    older than the grace period, re-queues it, and finishes the budget."""
+    storage = str(tmp_path / "study.log")
+    create(deep_checkpoint, storage, 24, 1)
+    victim, survivor = start_worker(storage), start_worker(storage)
+    try:
+        killed, frozen_at = _kill_mid_trial(storage, victim)
+        wait_all([survivor])
+    finally:
+        for p in (victim, survivor):
+            p.kill()
+            p.wait()
+    study = load(storage)
+    assert LEASE_KEY in study.trials[killed].system_attrs  # its worker renewed the lease before dying
+    retry = check_retried(study, killed, f"heartbeat stale: worker {worker_id(victim)} gone since ")
+    assert retry.user_attrs["worker"] == worker_id(survivor)
+    check_evolution(study, budget=24, killed=(killed,))
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_fail_stale_command_fails_a_dead_workers_trial_after_confirmation(deep_checkpoint, tmp_path, capsys,
+                                                                          monkeypatch):
+    """``optuna-prune fail-stale``: a killed worker's trial is listed, failed with a reason and
+    re-queued only once confirmed (a terminal's "y", or --yes), then a fresh worker finishes the
+    study. The heartbeat is 60 s, so no worker would fail the trial by itself within the test:
+    the worker is known gone because its process no longer exists."""
+    storage = str(tmp_path / "study.log")
+    create(deep_checkpoint, storage, 12, 60)
+    victim = start_worker(storage)
+    try:
+        killed, _ = _kill_mid_trial(storage, victim)
+    finally:
+        victim.kill()
+        victim.wait()
+    capsys.readouterr()
+    log = Path(storage).read_bytes()
+    command = ["fail-stale", "tiny", "--storage", storage]
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("y\n"))  # not a terminal, no --yes: refused
+    assert main(command) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--yes" in err and "not a terminal" in err, err
+    monkeypatch.setattr(sys, "stdin", _Terminal("n\n"))  # a terminal, answered no
+    assert main(command) == 0
+    out = capsys.readouterr().out
+    assert f"worker {worker_id(victim)} gone: its process no longer exists" in out and "nothing changed" in out
+    assert Path(storage).read_bytes() == log  # a refused or declined command writes nothing
+    assert load(storage).trials[killed].state == TrialState.RUNNING
+
+    monkeypatch.setattr(sys, "stdin", _Terminal("y\n"))
+    assert main(command) == 0
+    assert f"failed 1 trials ({killed})" in capsys.readouterr().out
+    study = load(storage)
+    (retry,) = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed]
+    assert retry.state == TrialState.WAITING and retry.system_attrs[MASK_KEY] == study.trials[killed].system_attrs[MASK_KEY]
+
+    wait_all([start_worker(storage)])  # a fresh worker runs the retry and finishes the budget
+    study = load(storage)
+    check_retried(study, killed, f"worker {worker_id(victim)} gone: its process no longer exists")
+    check_evolution(study, budget=12, killed=(killed,))
+    assert main([*command, "--yes"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
 
 
 @pytest.mark.postgres

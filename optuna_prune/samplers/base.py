@@ -33,6 +33,7 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.samplers import BaseSampler, RandomSampler
 from optuna.samplers._lazy_random_state import LazyRandomState
 from optuna.storages import BaseStorage, InMemoryStorage, RDBStorage
+from optuna.storages._cached_storage import _CachedStorage
 from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
@@ -110,8 +111,11 @@ def _beat(study: Study, trial: FrozenTrial) -> None:
 
 
 def storage_backend(storage: BaseStorage) -> BaseStorage:
-    """The storage that ``storage`` stands for: optuna wraps RDB storage in a private cache."""
-    return getattr(storage, "_backend", storage)
+    """The storage that ``storage`` stands for: optuna wraps RDB storage in a private cache.
+
+    (Only that cache is unwrapped: a journal storage's ``_backend`` is its log file, not a storage.)
+    """
+    return storage._backend if isinstance(storage, _CachedStorage) else storage
 
 
 def _shared(storage: BaseStorage) -> bool:
@@ -538,8 +542,8 @@ class MaskSampler(BaseSampler, abc.ABC):
                 hint = (
                     "their workers' heartbeats are checked"
                     if is_heartbeat_enabled(study._storage)
-                    else "heartbeats are off: if their workers died, stop this one and mark "
-                    "those trials FAIL, or use a storage with heartbeat_interval"
+                    else "heartbeats are off: if their workers died, `optuna-prune fail-stale "
+                    "STUDY` fails those trials, or use a storage with heartbeat_interval"
                 )
                 _logger.warning(
                     "trial %d (%s) has waited %.0f s for running trials %s; %s",
