@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fail-stale", help="fail the RUNNING trials whose worker is gone (killed, or its "
                        "heartbeat stale) and re-queue their candidates, after a confirmation")
     p.add_argument("study")
-    p.add_argument("--storage")
+    p.add_argument("--storage", help=STORAGE_HELP)
     p.add_argument("--yes", action="store_true", help="fail them without asking (needed without a terminal)")
 
     p = sub.add_parser("dashboard", help="start optuna-dashboard on the storage")
