@@ -13,7 +13,7 @@ to Optuna's RandomSampler under the same conditions, whose ratio is what SQLite'
 sampler (the trial's params alone are one commit each).
 
 Writes benchmarks/results/subset_toy.json. Usage (defaults take a few minutes on 2 busy cores):
-    python benchmarks/subset_toy.py [--seeds 10] [--trials 400] [--n 20 30] [--k 5 9]
+    python benchmarks/subset_toy.py [--seeds 10] [--trials 300] [--n 20 30] [--k 5 9]
         [--samplers evop levelswitch random tpe nsgaii] [--sqlite-trials 60] [--sqlite-jobs 4]
 """
 
@@ -134,7 +134,7 @@ def storage_ratio(problem: Problem, trials: int, jobs: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=10)
-    parser.add_argument("--trials", type=int, default=400, help="trials per run")
+    parser.add_argument("--trials", type=int, default=300, help="trials per run")
     parser.add_argument("--n", type=int, nargs=2, default=(20, 30), metavar=("LOW", "HIGH"))
     parser.add_argument("--k", type=int, nargs=2, default=(5, 9), metavar=("LOW", "HIGH"))
     parser.add_argument("--samplers", nargs="+", default=list(samplers(2, 1, 0)))
@@ -169,6 +169,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "best": min(values), "trials_to_optimum": trials_to_reach(values, optimum),
                 "seconds": round(time.perf_counter() - start, 2),
             })  # fmt: skip
+            row = runs[name][-1]
+            print(f"  {name}: best {row['best']:.4f}, optimum after {row['trials_to_optimum']} "
+                  f"trials ({row['seconds']} s)", file=sys.stderr)  # fmt: skip
 
     summary = {}
     for name, rows in runs.items():

@@ -1,8 +1,8 @@
 """What every layer-mask sampler shares: one proposal per trial, made in ``before_trial``.
 
 A mask sampler decides a trial's whole mask at once, in ``before_trial``, and stores it as the
-trial system attr ``MASK_KEY`` before the objective runs; ``sample_relative`` then only hands it
-out as the ``layer_xx`` params. Deciding early lets concurrent workers see each other's running
+trial system attr ``MASK_KEY`` before the objective runs; ``sample_independent`` then only hands
+it out as the ``layer_xx`` params (and hands every other param to a fallback sampler). Deciding early lets concurrent workers see each other's running
 candidates (no duplicates), lets the sampler attach hints for the objective (``STOP_ABOVE_KEY``,
 ``ALLOW_PARTIAL_KEY``), and gives one place to wait for other workers. Nothing that matters is
 kept in memory: every decision is recomputed from storage, so resumed runs and several workers
