@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -138,7 +139,10 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(
             source, trust_remote_code=trust_remote_code, gguf_file=extra.get("gguf_file")
         )
-    except (OSError, ValueError) as err:
+    except Exception as err:
+        # A damaged GGUF file fails deep in its parser, with any error type (struct.error, KeyError, ...).
+        if not isinstance(err, (OSError, ValueError, struct.error)) and "gguf_file" not in extra:
+            raise
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(".")
         raise ModelNotFoundError(f"cannot load model {str(name_or_path)!r}: {reason}; {hint}") from err
     return model.to(dev).eval(), tokenizer
