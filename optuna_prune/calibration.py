@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -266,6 +265,17 @@ def _hub_named(source: str, split: str) -> list[str]:
     return list(ds.select(range(1000, min(2000, len(ds))))["text"])
 
 
+def check_source(source: str, what: str = "calibration source") -> None:
+    """CalibrationError unless ``source`` names a known corpus or an existing file or folder (cheap:
+    nothing is read)."""
+    if source in NAMED_SOURCES or Path(source).expanduser().exists():
+        return
+    raise CalibrationError(
+        f"{what} {source!r} is neither a known corpus ({', '.join(NAMED_SOURCES)}) nor an existing "
+        "file or folder; pass one of those, or the path of a .txt/.jsonl/.parquet file"
+    )
+
+
 def load_texts(source: str, split: str = "calibration", data_dir: str | Path | None = None) -> list[str]:
     """Documents of one split of ``source`` (see the module docstring for what each source reads).
 
@@ -280,11 +290,7 @@ def load_texts(source: str, split: str = "calibration", data_dir: str | Path | N
         return _pydoc_docs(split)
     if not is_named:
         path = Path(source).expanduser()
-        if not path.exists():
-            raise CalibrationError(
-                f"calibration source {source!r} is neither a known corpus ({', '.join(NAMED_SOURCES)}) "
-                f"nor an existing file or folder"
-            )
+        check_source(source)
         docs = _read_local(path)
         if split == "all":
             return docs
@@ -317,7 +323,8 @@ def load_texts(source: str, split: str = "calibration", data_dir: str | Path | N
     return docs
 
 
-def _source_label(source: str) -> str:
+def source_label(source: str) -> str:
+    """How a study records a calibration source: a corpus name, or a local path made absolute."""
     return source if source in NAMED_SOURCES else str(Path(source).expanduser().resolve())
 
 
@@ -349,25 +356,34 @@ def _check_request(n_samples: int, seq_len: int) -> None:
         raise CalibrationError(f"seq_len must be >= 2, got {seq_len!r}; pass --seq-len 2 or more")
 
 
-def _random_windows(tokenizer: Any, source: str, text: str, n_samples: int, seq_len: int,
-                    seed: int) -> torch.Tensor:
-    need = n_samples * seq_len
+def _bounded_ids(tokenizer: Any, text: str, need: int) -> list[int]:
+    """Token ids of a prefix of ``text`` with at least ``need`` tokens (all of it if it has fewer):
+    about OVERSAMPLE times what is needed, whatever the size of the corpus."""
     budget = CHARS_PER_TOKEN * OVERSAMPLE * need
     while True:
         ids = tokenize(tokenizer, text[:budget])
         if len(ids) >= need or budget >= len(text):
-            break
+            return ids
         budget *= 2
-    if len(ids) < seq_len:
-        raise CalibrationError(
-            f"calibration needs {n_samples} x {seq_len} tokens but {source} has only {len(ids)}; "
-            f"lower --seq-len/--n-samples or use a larger corpus"
-        )
-    if len(ids) < need:
-        warnings.warn(
-            f"{source} has {len(ids)} tokens, fewer than {n_samples} x {seq_len}: calibration windows overlap",
-            stacklevel=3,
-        )
+
+
+def _check_supply(source: str, n_tokens: int, n_samples: int, seq_len: int) -> None:
+    """CalibrationError unless ``n_tokens`` fill ``n_samples`` windows of ``seq_len`` without overlap."""
+    if n_tokens >= n_samples * seq_len:
+        return
+    fits = n_tokens // seq_len
+    fix = (f"at most {fits} samples of {seq_len} tokens fit: lower --n-samples or --seq-len"
+           if fits else f"lower --seq-len below {n_tokens}")
+    raise CalibrationError(
+        f"calibration needs {n_samples} x {seq_len} = {n_samples * seq_len:,} tokens but {source} has only "
+        f"{n_tokens:,}; {fix}, or use a larger corpus"
+    )
+
+
+def _random_windows(tokenizer: Any, source: str, text: str, n_samples: int, seq_len: int,
+                    seed: int) -> torch.Tensor:
+    ids = _bounded_ids(tokenizer, text, n_samples * seq_len)
+    _check_supply(source, len(ids), n_samples, seq_len)
     starts = _window_starts(len(ids), n_samples, seq_len, np.random.default_rng(seed))
     stream = torch.tensor(ids, dtype=torch.int64)
     return torch.stack([stream[s : s + seq_len] for s in starts])
@@ -391,13 +407,15 @@ def build_calibration(
     """
     _check_request(n_samples, seq_len)
     docs = load_texts(source, "calibration", data_dir)
-    label = _source_label(source)
+    label = source_label(source)
     if ccds is None:
         ids = _random_windows(tokenizer, label, _join(source, docs), n_samples, seq_len, seed)
         return CalibrationSet(input_ids=ids, source=label, seed=seed, sha256=ids_sha256(ids))
 
     from optuna_prune.ccds import cluster_chunks, sample_from_clusters
 
+    # Refused before the (slow) embedding and clustering when the whole corpus is too short.
+    _check_supply(label, len(_bounded_ids(tokenizer, _join(source, docs), n_samples * seq_len)), n_samples, seq_len)
     clusters = cluster_chunks(docs, ccds, seed)
     ids, cluster_ids = sample_from_clusters(tokenizer, clusters, n_samples, seq_len, seed)
     return CalibrationSet(input_ids=ids, source=label, seed=seed, sha256=ids_sha256(ids),

@@ -28,30 +28,43 @@ STORAGE_HELP = f"sqlite:///file.db, postgresql://user@host/db or a .log journal 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, no usage dump
-        raise ConfigError(f"{message} (see optuna-prune {self.prog.split()[-1]} --help)")
+        raise ConfigError(f"{message} (see {self.prog} --help)")
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:  # reported by the top parser: point at the subcommand's help
+            command = getattr(parsed, "command", None)
+            self.prog = f"{self.prog} {command}" if command else self.prog
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input, turned into one line on stderr."""
     from optuna_prune.calibration import CalibrationError
+    from optuna_prune.devices import DeviceError
     from optuna_prune.downstream import DownstreamError
     from optuna_prune.export import TrialChoiceError
     from optuna_prune.layers import UnsupportedModelError
     from optuna_prune.models import ModelNotFoundError
+    from optuna_prune.outputs import OutputError
     from optuna_prune.space import SpaceError
     from optuna_prune.study import StorageError, StudyMismatchError
 
     return (
         ConfigError, CalibrationError, UnsupportedModelError, ModelNotFoundError, SpaceError,
         StorageError, StudyMismatchError, KeyError, FileNotFoundError, TrialChoiceError, DownstreamError,
+        DeviceError, OutputError, OSError,
     )
 
 
 def _add_search_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="study config TOML (see studies/); flags override it")
     p.add_argument("--model", help="short name (smollm2-135m), local folder, .gguf file or hub id")
-    p.add_argument("--sparsity", type=float, help="fraction of decoder layers to drop, e.g. 0.2")
-    p.add_argument("--drop", type=int, help="number of decoder layers to drop (instead of --sparsity)")
+    p.add_argument("--sparsity", type=float, help="fraction of decoder layers to drop, e.g. 0.2 (rounded to "
+                   "whole layers: the search says how many it drops)")
+    p.add_argument("--drop", type=int, help="number of decoder layers (sub-blocks with --space sublayers) to drop, "
+                   "exactly (instead of --sparsity)")
     p.add_argument("--sampler", choices=SAMPLERS)
     p.add_argument("--fitness", choices=("perplexity", "kl"))
     p.add_argument("--calibration", help="wikitext2, c4, ptb, pydoc, or a .txt/.jsonl/.parquet file or folder")
@@ -62,7 +75,7 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--objective-mode", choices=("mean", "worst", "clusters"))
     p.add_argument("--seed", type=int)
     p.add_argument("--n-trials", type=int, help="this method's evaluation budget in the study")
-    p.add_argument("--timeout", type=float, help="stop after this many seconds")
+    p.add_argument("--timeout", type=float, help="stop after this many seconds (> 0; default: no limit)")
     p.add_argument("--storage", help=STORAGE_HELP)
     p.add_argument("--study", help="study name (default: derived from model, k and calibration)")
     p.add_argument("--population", type=int, help="EvoP population size (levelswitch: offspring per round)")
@@ -129,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study")
     p.add_argument("--storage", help=STORAGE_HELP)
     _add_trial_flags(p)
-    p.add_argument("--out", required=True, help="folder to write the checkpoint to")
+    p.add_argument("--out", required=True, help="folder to write the checkpoint to (new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file or folder")
     p.add_argument("--device", default="cpu", help="where to load the model for pruning (default cpu)")
 
     p = sub.add_parser("evaluate", help="perplexity, downstream accuracy and speed: dense vs chosen trial(s)")
@@ -161,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--trial", type=int, help="trial number")
     which.add_argument("--best", action="store_true", help="the best complete trial of the study")
     p.add_argument("--tokens", type=int, required=True, help="training tokens (calibration corpus, not its samples)")
-    p.add_argument("--out", required=True, help="folder of the trained pruned checkpoint")
+    p.add_argument("--out", required=True, help="folder of the trained pruned checkpoint (new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file or folder")
     p.add_argument("--loss", choices=("kl", "lm"), default="kl", help="distil the dense model (kl) or LM loss")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--lora", type=int, default=0, help="LoRA rank, merged before saving (0: train the kept layers)")
@@ -288,11 +303,16 @@ def cmd_show(args: argparse.Namespace) -> None:
 
 def cmd_report(args: argparse.Namespace) -> None:
     from optuna_prune.figures import attach_figures
+    from optuna_prune.outputs import check_out_file, check_writable_folder
     from optuna_prune.report import write_report
     from optuna_prune.study import load_existing_study
 
     study = load_existing_study(args.study, args.storage)
-    path = write_report(study, args.out or f"{study.study_name}-report.html")
+    out = args.out or f"{study.study_name}-report.html"
+    check_out_file(out, "--out" if args.out else "report file")
+    if args.figures_dir is not None:
+        check_writable_folder(Path(args.figures_dir).expanduser(), f"--figures-dir {args.figures_dir}")
+    path = write_report(study, out)
     attach_figures(study, args.figures_dir)
     print(path)
 
@@ -302,7 +322,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     from optuna_prune.study import load_existing_study
 
     study = load_existing_study(args.study, args.storage)
-    print(export_trial(study, args.trial, args.out, device=args.device))
+    print(export_trial(study, args.trial, args.out, device=args.device, overwrite=args.overwrite))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -334,7 +354,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     entry = finetune_trial(
         study, None if args.best else args.trial, tokens=args.tokens, out_dir=args.out, settings=settings,
         datasets=args.eval.split(",") if args.eval else None, eval_windows=args.eval_windows,
-        eval_seq_len=args.eval_seq_len, device=args.device,
+        eval_seq_len=args.eval_seq_len, device=args.device, overwrite=args.overwrite,
     )
     before, after = entry["before"], entry["after"]
     rows = [("calibration", f"{before['calibration_perplexity']:.2f}", f"{after['calibration_perplexity']:.2f}")]
@@ -376,11 +396,39 @@ def cmd_dashboard(args: argparse.Namespace) -> None:
 
     from optuna_prune.study import name_metrics, open_storage
 
-    storage = open_storage(args.storage, create=False)
+    check_listen_address(args.host, args.port)
+    storage = open_storage(args.storage, create=False)  # before announcing a URL that would not answer
     for summary in optuna.get_all_study_summaries(storage):  # studies made before objectives had names
         name_metrics(optuna.load_study(study_name=summary.study_name, storage=storage))
     print(f"optuna-dashboard on http://{args.host}:{args.port} (Ctrl-C to stop)", file=sys.stderr)
     run_server(storage, host=args.host, port=args.port)
+
+
+def check_listen_address(host: str, port: int) -> None:
+    """ConfigError unless a server can listen on ``host``:``port`` (tried: bound, then released)."""
+    import errno
+    import socket
+
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"port {port} is out of range; pass --port 1 to 65535, e.g. 8080")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (OSError, UnicodeError, ValueError) as exc:
+        raise ConfigError(
+            f"cannot resolve --host {host!r} ({getattr(exc, 'strerror', None) or exc}); pass a name or address "
+            "of this machine, e.g. 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)"
+        ) from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the dashboard's server does
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            fixes = {
+                errno.EADDRINUSE: f"port {port} on {host} is in use; pass another --port, e.g. {port % 65535 + 1}",
+                errno.EADDRNOTAVAIL: f"--host {host} is not an address of this machine; pass 127.0.0.1 or 0.0.0.0",
+                errno.EACCES: f"port {port} needs more privileges; pass --port 1024 or above, e.g. 8080",
+            }
+            raise ConfigError(fixes.get(exc.errno, f"cannot listen on {host}:{port} ({exc.strerror}); pass another --host or --port")) from None
 
 
 def _print_best(study: Any) -> None:
@@ -421,6 +469,16 @@ def _quiet_libraries() -> None:
         trial_log.addFilter(_TrialFailureLines())
 
 
+class _StderrLines(logging.Handler):
+    """``optuna-prune: message`` on the stderr of the moment (a test's captured one, too)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(f"optuna-prune: {record.getMessage()}", file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
 class _TrialFailureLines(logging.Filter):
     """One line per failed trial, no traceback (its reason is the trial's fail_reason); none for
     Ctrl-C, which the CLI reports itself."""
@@ -440,9 +498,15 @@ COMMANDS = {"search": cmd_search, "create": cmd_create, "worker": cmd_worker, "s
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    plan = logging.getLogger("optuna_prune.plan")  # what a search is about to do, shown by the CLI only
+    lines = _StderrLines()
+    propagate = plan.propagate
     try:
         args = parser.parse_args(argv)
         _quiet_libraries()
+        plan.addHandler(lines)
+        plan.setLevel(logging.INFO)
+        plan.propagate = False
         COMMANDS[args.command](args)
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
@@ -457,9 +521,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         known = isinstance(exc, _user_errors())
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, OSError) and exc.strerror and exc.filename:
+            message = f"{exc.filename}: {exc.strerror}; check the path and its permissions"
         prefix = "error" if known else f"internal error ({type(exc).__name__}; --debug shows the traceback)"
         print(f"optuna-prune: {prefix}: {message}", file=sys.stderr)
         return EXIT_USAGE if known else 1
+    finally:
+        plan.removeHandler(lines)
+        plan.propagate = propagate
     return 0
 
 

@@ -6,6 +6,7 @@ Validation lives here so that a bad value fails before any model is loaded or st
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -29,6 +30,9 @@ OBJECTIVE_MODES = ("mean", "worst", "clusters")
 INVALID_MASK_POLICIES = ("repair", "reject")
 DEFAULT_STORAGE = "sqlite:///runs/optuna_prune.db"
 """Where every command and every config in studies/ keep their studies unless given a storage."""
+# Samplers that rank candidates by one loss: objective_mode "clusters" (several objectives) is refused.
+SINGLE_OBJECTIVE_SAMPLERS = ("levelswitch", "darwin", "sleb", "selfpruner")
+MAX_STUDY_NAME = 512  # RDB storages index study names of up to 512 characters
 
 
 @dataclass
@@ -97,6 +101,12 @@ class SearchConfig:
         _choice("sampler", self.sampler, SAMPLERS)
         _choice("fitness", self.fitness, FITNESS_NAMES)
         _choice("objective_mode", self.objective_mode, OBJECTIVE_MODES)
+        if self.objective_mode == "clusters" and self.sampler in SINGLE_OBJECTIVE_SAMPLERS:
+            raise ConfigError(
+                f"sampler {self.sampler} keeps one loss per candidate; objective_mode 'clusters' (one objective "
+                f"per cluster) works with {', '.join(s for s in SAMPLERS if s not in SINGLE_OBJECTIVE_SAMPLERS)}: "
+                "use --objective-mode mean or worst, or another --sampler"
+            )
         _choice("invalid_masks", self.invalid_masks, INVALID_MASK_POLICIES)
         for name in self.seed_with:
             _choice("seed_with", name, ("sleb", "shortgpt"))
@@ -113,6 +123,15 @@ class SearchConfig:
             raise ConfigError(f"objective_mode {self.objective_mode!r} needs CCDS clusters; set --ccds-clusters K")
         if self.n_trials is not None and self.n_trials < 1:
             raise ConfigError(f"n_trials {self.n_trials} must be >= 1")
+        if self.timeout is not None and not (0 < self.timeout < math.inf):
+            raise ConfigError(f"timeout {self.timeout} must be a number of seconds > 0; omit --timeout for no time limit")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed {self.seed} is out of range; use an integer in 0..{2**32 - 1}")
+        if self.study is not None and (not self.study.strip() or len(self.study) > MAX_STUDY_NAME):
+            raise ConfigError(
+                f"study name of {len(self.study)} characters is {'empty' if not self.study.strip() else 'too long'}; "
+                f"pass a --study name of 1 to {MAX_STUDY_NAME} characters"
+            )
         if self.population is not None and self.population < 2:
             raise ConfigError(f"population {self.population} must be >= 2")
         if self.fidelity:
@@ -130,10 +149,19 @@ class SearchConfig:
             )
         if self.sampler == "selfpruner" or self.space == "rates":
             self._validate_selfpruner()
-        if self.heartbeat < 1:
-            raise ConfigError(f"heartbeat {self.heartbeat} must be >= 1 second")
+        if not 1 <= self.heartbeat <= 3600:
+            raise ConfigError(f"heartbeat {self.heartbeat} is out of range; use 1 to 3600 seconds (default 20)")
         if self.batch_size < 1 or self.cache_mb < 0:
-            raise ConfigError("batch_size must be >= 1 and cache_mb >= 0")
+            raise ConfigError(f"batch_size must be >= 1 and cache_mb >= 0 (got {self.batch_size} and {self.cache_mb})")
+        if self.device is not None or self.dtype is not None:
+            from optuna_prune.devices import DeviceError, check_dtype, parse_device
+
+            try:  # the spelling only: whether this machine has the device is checked where it is used
+                if self.device is not None and self.device != "auto":
+                    parse_device(self.device)
+                check_dtype(self.dtype)
+            except DeviceError as exc:
+                raise ConfigError(str(exc)) from None
 
     def _validate_selfpruner(self) -> None:
         from optuna_prune.llm import make_llm
@@ -148,8 +176,8 @@ class SearchConfig:
             raise ConfigError("space = rates needs sampler selfpruner and a --sparsity (mean MLP width pruned)")
         if self.fitness != "perplexity" or self.fidelity or self.seed_with:
             raise ConfigError("space = rates supports fitness perplexity only, without fidelity or seed_with")
-        if self.rate_resolution < 2:
-            raise ConfigError(f"rate_resolution {self.rate_resolution} must be >= 2 (rates in steps of 1/N)")
+        if not 2 <= self.rate_resolution <= 1024:
+            raise ConfigError(f"rate_resolution {self.rate_resolution} is out of range; use 2 to 1024 (rates in steps of 1/N)")
 
     def fidelity_stages(self) -> tuple[int, ...]:
         """The multi-fidelity stages this search uses: ``fidelity``, or by default doubling counts
@@ -222,7 +250,11 @@ def load_config(path: str | Path, **overrides: Any) -> SearchConfig:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"config file {path} not found") from None
+        raise ConfigError(f"config file {path} not found; pass the path of a .toml file, e.g. studies/smollm2-demo.toml") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config {path} is a folder; pass a .toml file in it, e.g. studies/smollm2-demo.toml") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}; check the path") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     data = data.get("search", data)

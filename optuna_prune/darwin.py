@@ -199,6 +199,7 @@ def finetune_trial(
     eval_seq_len: int | None = None,
     eval_windows: int = 16,
     device: str | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Post-compression training of a trial's mask (default: the best trial), saved as a checkpoint.
 
@@ -208,25 +209,35 @@ def finetune_trial(
     Before and after training it measures the calibration perplexity and the held-out perplexity
     (``perplexity.perplexity``) on ``datasets`` (default: the calibration corpus's evaluation
     split), ``eval_windows`` windows of ``eval_seq_len`` tokens (default: the search's seq_len).
-    ``settings`` default: ``TrainSettings()`` (KL distillation, AdamW at 1e-5, no LoRA).
+    ``settings`` default: ``TrainSettings()`` (KL distillation, AdamW at 1e-5, no LoRA). An existing
+    file or non-empty folder ``out_dir`` is refused (before loading) unless ``overwrite``.
     Optuna does not let a finished trial's user attrs change, so the entry is stored in the study
     user attr ``"finetune"`` under ``"trial-<N>"``, and returned.
     """
-    from optuna_prune.calibration import CHARS_PER_TOKEN, build_calibration
+    from optuna_prune.calibration import CHARS_PER_TOKEN, build_calibration, check_source
     from optuna_prune.ccds import CCDSConfig
     from optuna_prune.export import choose_trial, trial_card
     from optuna_prune.fitness import plain_forward_loss
     from optuna_prune.layers import save_pruned
     from optuna_prune.models import load_model
+    from optuna_prune.outputs import check_out_folder, output_folder
     from optuna_prune.perplexity import perplexity
     from optuna_prune.study import config_of
 
     settings = settings or TrainSettings()
     if tokens < 1:
-        raise ConfigError(f"tokens={tokens} must be >= 1")
+        raise ConfigError(f"tokens={tokens} must be >= 1; pass --tokens, e.g. 100000")
+    if eval_windows < 1 or (eval_seq_len is not None and eval_seq_len < 2):
+        raise ConfigError(
+            f"held-out perplexity needs eval_windows >= 1 and eval_seq_len >= 2 (got {eval_windows} and "
+            f"{eval_seq_len}); pass --eval-windows 1 or more and --eval-seq-len 2 or more"
+        )
     chosen = choose_trial(study, trial)
     dropped = list(chosen.user_attrs["dropped"])
     cfg = config_of(study)
+    for dataset in datasets or ():
+        check_source(dataset, "held-out dataset")
+    check_out_folder(out_dir, overwrite)  # before the model loads
     start = time.perf_counter()
     model, tokenizer = load_model(cfg.model, device=device or cfg.device, dtype=cfg.dtype)
     calibration = build_calibration(
@@ -273,7 +284,8 @@ def finetune_trial(
         + (f", LoRA rank {settings.lora} (merged)" if settings.lora else ""),
         **{f"{ds} perplexity (trained)": round(v, 4) for ds, v in after["perplexity"].items()},
     }
-    save_pruned(model, dropped, out_dir, tokenizer, card)
+    with output_folder(out_dir, overwrite) as tmp:  # written whole or not at all
+        save_pruned(model, dropped, tmp, tokenizer, card)
     entry["seconds"] = round(time.perf_counter() - start, 2)
     stored = dict(study.user_attrs.get(FINETUNE_ATTR) or {})
     stored[f"trial-{chosen.number}"] = entry

@@ -55,6 +55,26 @@ def offline_root(data_dir: str | Path | None = None) -> Path | None:
     return Path(root).expanduser().resolve()
 
 
+def check_tasks(tasks: Sequence[str], limit: int | None = None, data_dir: str | Path | None = None) -> None:
+    """DownstreamError for what can be refused before a model loads: ``limit`` below 1, or offline
+    (a data dir with ``eval/``) a task without an offline definition or data file."""
+    if limit is not None and limit < 1:
+        raise DownstreamError(f"limit {limit} must be >= 1 (items per task); omit --limit to score every item")
+    root = offline_root(data_dir)
+    if root is None or not tasks:
+        return
+    unknown = [t for t in tasks if t not in OFFLINE_FILES]
+    if unknown:
+        raise DownstreamError(
+            f"no offline definition of tasks {unknown}; offline tasks are {', '.join(OFFLINE_FILES)} "
+            "(leave --data-dir and $OPTUNA_PRUNE_DATA unset to use lm-eval's built-in tasks online)"
+        )
+    for task in tasks:
+        data = root / OFFLINE_FILES[task]
+        if not data.is_file():
+            raise DownstreamError(f"offline task {task} needs {data}, which does not exist; restore it or drop {task} from --tasks")
+
+
 @contextmanager
 def task_manager(tasks: Sequence[str], data_dir: str | Path | None = None) -> Iterator[Any]:
     """An lm-eval TaskManager that knows ``tasks``: the offline twins if a data dir has ``eval/``."""

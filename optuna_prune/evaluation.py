@@ -22,6 +22,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial
 
+from optuna_prune.config import ConfigError
 from optuna_prune.downstream import DEFAULT_TASKS
 from optuna_prune.export import TrialChoiceError, choose_trial, model_mask
 from optuna_prune.study import best_by_method, config_of
@@ -121,6 +122,7 @@ def evaluate_study(
     trials = chosen_trials(study, trial, methods)
     cfg = config_of(study)
     data_dir = data_dir if data_dir is not None else cfg.data_dir
+    check_request(datasets, tasks, limit, data_dir, settings, batch_size, out_json)
     model, tokenizer = load_model(cfg.model, device=device or cfg.device, dtype=cfg.dtype)
     stored: dict[str, Any] = dict(study.user_attrs.get(EVALUATIONS_ATTR) or {})
     previous = {} if recompute else stored
@@ -167,6 +169,35 @@ def evaluate_study(
         Path(out_json).expanduser().parent.mkdir(parents=True, exist_ok=True)
         Path(out_json).expanduser().write_text(json.dumps(result, indent=2), encoding="utf-8")
     return result
+
+
+def check_request(
+    datasets: Sequence[str], tasks: Sequence[str], limit: int | None, data_dir: str | Path | None,
+    settings: EvalSettings, batch_size: int, out_json: str | Path | None,
+) -> None:
+    """Refuse, before the model loads, settings no evaluation can run with, naming the flag to fix."""
+    from optuna_prune.calibration import check_source
+    from optuna_prune.downstream import check_tasks
+    from optuna_prune.outputs import check_out_file
+
+    bad = [
+        (batch_size < 1, f"batch size {batch_size} must be >= 1; pass --batch-size 1 or more"),
+        (settings.seq_len < 2, f"perplexity window of {settings.seq_len} tokens is too short; pass --seq-len 2 or more"),
+        (settings.stride is not None and not 1 <= settings.stride <= settings.seq_len,
+         f"stride {settings.stride} must lie in 1..seq_len ({settings.seq_len})"),
+        (settings.max_windows is not None and settings.max_windows < 1,
+         f"max_windows {settings.max_windows} must be >= 1; pass --max-windows 1 or more, or omit it for every window"),
+        (settings.max_chars is not None and settings.max_chars < 1,
+         f"max_chars {settings.max_chars} must be >= 1; pass --max-chars 1 or more, or omit it for the whole text"),
+    ]
+    for failed, message in bad:
+        if failed:
+            raise ConfigError(message)
+    for dataset in datasets:
+        check_source(dataset, "perplexity dataset")
+    check_tasks(tasks, limit, data_dir)
+    if out_json is not None:
+        check_out_file(out_json)
 
 
 def _measure_speeds(

@@ -41,14 +41,24 @@ def choose_trial(study: optuna.Study, trial: int | str | None = None) -> FrozenT
         raise TrialChoiceError(
             f"study {study.study_name!r} has no trial {number}; its trials are numbered 0..{len(trials) - 1}"
         )
-    k = study.user_attrs.get("problem", {}).get("num_drop")
+    problem = study.user_attrs.get("problem", {})
+    k = problem.get("num_drop")
     dropped = found.user_attrs.get("dropped")
     if found.state != TrialState.COMPLETE or dropped is None or (k is not None and len(dropped) != k):
-        what = found.state.name
-        if dropped is not None and k is not None and len(dropped) != k:
-            what += f", drops {len(dropped)} of the study's {k} layers"
+        units = {"sublayers": "blocks", "rates": "width units"}.get(problem.get("space"), "layers")
+        if found.state != TrialState.COMPLETE:
+            why = f"it is {found.state.name}" + (
+                f" and drops {len(dropped)} of the study's {k} {units}" if dropped is not None and k is not None
+                and len(dropped) != k else ""
+            )
+        elif dropped is None:
+            why = "it is COMPLETE but records no dropped layers"
+        elif problem.get("space") == "rates":
+            why = "it is a width-rates trial (space rates), not a layer mask"
+        else:
+            why = f"it is COMPLETE but drops {len(dropped)} of the study's {k} {units}"
         raise TrialChoiceError(
-            f"trial {number} of study {study.study_name!r} is not a complete exact-k mask ({what}); "
+            f"trial {number} of study {study.study_name!r} is not a complete exact-k mask: {why}; "
             "pick a COMPLETE trial (optuna-prune show lists the best ones) or use --best"
         )
     return found
@@ -89,19 +99,26 @@ def export_trial(
     trial_number: int | str | None = None,
     out_dir: str | Path = "pruned-model",
     device: str | None = "cpu",
+    overwrite: bool = False,
 ) -> Path:
     """Write the model pruned by a trial's mask (default: the best trial) to ``out_dir``; return it.
 
     The model is loaded from the study's recorded config (its model and dtype; on the CPU by default,
     which saving needs no more than), pruned with ``layers.save_pruned`` and saved with its tokenizer and
-    a model card listing the dropped layers, the source model and the search that chose them. A
+    a model card listing the dropped layers, the source model and the search that chose them. An
+    existing file or non-empty folder ``out_dir`` is refused unless ``overwrite``, which replaces it;
+    the folder is written under a temporary name and renamed when complete. A
     sub-block study's half-dropped layers keep their shape with the dropped block's weights zeroed.
     """
     from optuna_prune.layers import save_pruned
     from optuna_prune.models import load_model
+    from optuna_prune.outputs import check_out_folder, output_folder
 
     trial = choose_trial(study, trial_number)
     cfg = config_of(study)
+    check_out_folder(out_dir, overwrite)  # before the model loads
     model, tokenizer = load_model(cfg.model, device=device, dtype=cfg.dtype)
     dropped = model_mask(study, trial.user_attrs["dropped"])
-    return save_pruned(model, dropped, out_dir, tokenizer, trial_card(study, trial))
+    with output_folder(out_dir, overwrite) as tmp:  # written whole or not at all
+        save_pruned(model, dropped, tmp, tokenizer, trial_card(study, trial))
+    return Path(out_dir)

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import shutil
+import struct
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -232,8 +233,9 @@ def _resolve(name: str) -> tuple[str, dict[str, Any], str]:
         try:
             folder = SHORT_NAMES[name]() if name in SHORT_NAMES else gguf_checkpoint(path)
         # transformers says a GGUF file's layout is unknown or inconsistent with NotImplementedError
-        # and RuntimeError (mismatched tensor sizes): the file is at fault, not this program.
-        except (OSError, ValueError, NotImplementedError, RuntimeError) as err:
+        # and RuntimeError (mismatched tensor sizes), and a damaged file fails deep in its parser
+        # (struct.error, KeyError): the file is at fault, not this program.
+        except (OSError, ValueError, NotImplementedError, RuntimeError, struct.error, KeyError) as err:
             if isinstance(err, ModelNotFoundError):
                 raise
             raise _cannot_load(name, err, hint) from err

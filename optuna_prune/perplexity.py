@@ -44,6 +44,8 @@ def windows(
         raise CalibrationError(
             f"perplexity needs seq_len >= 2 and 1 <= stride <= seq_len (got {seq_len}, {stride})"
         )
+    if max_windows is not None and max_windows < 1:
+        raise CalibrationError(f"max_windows {max_windows} must be >= 1; pass 1 or more, or None for every window")
     starts = list(range(0, len(ids) - seq_len + 1, stride))[:max_windows]
     if not starts:
         raise CalibrationError(

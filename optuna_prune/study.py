@@ -55,6 +55,7 @@ from optuna_prune.space import (
 )
 
 _logger = logging.getLogger(__name__)
+log = logging.getLogger("optuna_prune.plan")  # what a search is about to do (the CLI shows it)
 
 PROBLEM_ATTR = "problem"
 # The parts of a problem a resumed study must share with the one that created it.
@@ -80,51 +81,80 @@ class BudgetReached(RuntimeError):
     """A trial started while other workers' trials already filled the method's budget."""
 
 
+def storage_file(url: str | None) -> Path | None:
+    """The local file a storage URL names (an SQLite database or a journal), or None (a server, memory).
+
+    Raises StorageError for a malformed URL.
+    """
+    url = url or DEFAULT_STORAGE
+    if _is_journal(url):
+        return Path(url).expanduser()
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+        backend = parsed.get_backend_name()
+    except (sqlalchemy.exc.ArgumentError, ValueError, TypeError):
+        raise StorageError(
+            f"storage URL {url!r} is malformed; use e.g. sqlite:///optuna_prune.db, "
+            "postgresql://user@host:5432/db or a journal file path ending in .log"
+        ) from None
+    if backend == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        return Path(parsed.database).expanduser()
+    return None
+
+
+def _is_journal(url: str) -> bool:
+    return url.endswith((".log", ".journal")) and "://" not in url
+
+
 def open_storage(url: str | None, heartbeat: int = 20, create: bool = True) -> optuna.storages.BaseStorage:
     """An RDB storage or a journal file, both with heartbeats: killed workers' trials are failed and retried.
 
     A RUNNING trial whose process sent no heartbeat for ``3 * heartbeat`` seconds is failed with a
     ``fail_reason`` and re-queued with the same params (see :mod:`optuna_prune.heartbeat`). ``url``
-    None is :data:`~optuna_prune.config.DEFAULT_STORAGE`. ``create=False`` (commands that only read
-    studies) refuses a SQLite or journal file that does not exist, instead of leaving an empty
-    database behind.
+    None is :data:`~optuna_prune.config.DEFAULT_STORAGE`.
 
     ``*.log`` / ``*.journal`` paths give a journal storage (many processes, no database server),
-    whose heartbeats renew a lease on the trial.
+    whose heartbeats renew a lease on the trial. ``create=False`` (commands that only read a
+    storage) refuses an SQLite or journal file that does not exist instead of creating an empty one.
     """
     url = url or DEFAULT_STORAGE
+    path = storage_file(url)
+    if path is not None:
+        if path.is_dir():
+            raise StorageError(f"storage {url!r} names the folder {path}; name a file, e.g. {path / 'optuna_prune.db'}")
+        if not path.exists():
+            if not create:
+                raise StorageError(
+                    f"no study database at {path} ({url}): the file does not exist; run optuna-prune search first, "
+                    "or pass --storage with the URL your search used"
+                )
+            from optuna_prune.outputs import OutputError, check_writable_folder
+
+            try:
+                check_writable_folder(path.parent, f"storage {url!r}")
+            except OutputError as exc:
+                raise StorageError(str(exc)) from None
+            path.parent.mkdir(parents=True, exist_ok=True)
     beats = dict(
         heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
         heartbeat_stale_trial_callback=RetryStaleTrial(),
     )
-    if url.endswith((".log", ".journal")) and "://" not in url:
-        _require_file(Path(url), url, create)
-        Path(url).parent.mkdir(parents=True, exist_ok=True)
-        return LeasedJournalStorage(JournalFileBackend(url), **beats)
-    try:
-        parsed = sqlalchemy.engine.make_url(url)
-    except sqlalchemy.exc.ArgumentError:
-        raise StorageError(
-            f"storage URL {url!r} is malformed; use e.g. {DEFAULT_STORAGE}, "
-            "postgresql://user@host/db or a journal file path ending in .log"
-        ) from None
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        _require_file(Path(parsed.database).expanduser(), url, create)
-        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    if _is_journal(url):
+        try:
+            return LeasedJournalStorage(JournalFileBackend(str(path)), **beats)
+        except OSError as exc:
+            raise StorageError(f"cannot open journal {path}: {exc.strerror or exc}; check the path") from None
+        except Exception as exc:  # the replay of a file that is not a journal fails in many ways
+            raise StorageError(
+                f"{path} is not an Optuna journal file ({type(exc).__name__}); pass a journal that "
+                "optuna-prune wrote, or a new file name"
+            ) from None
+    shown = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
     try:
         return HeartbeatRDBStorage(url, **beats)
-    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as exc:
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise StorageError(f"cannot open storage {url!r}: {first}") from None
-
-
-def _require_file(path: Path, url: str, create: bool) -> None:
-    """A command that only reads studies must not leave an empty database behind a mistyped path."""
-    if not create and not path.exists():
-        raise StorageError(
-            f"no study database at {path} ({url}); run optuna-prune search first, "
-            "or pass --storage with the URL your search used"
-        )
+        raise StorageError(f"cannot open storage {shown!r}: {first}; check the URL and that the database is up") from None
 
 
 def problem_of(cfg: SearchConfig, model_id: str, num_layers: int, num_drop: int, calibration: Any) -> dict[str, Any]:
@@ -207,33 +237,64 @@ def open_study(
 
     ``new_study`` never deletes anything: it picks the first free name ``NAME-2``, ``NAME-3``...
     """
-    existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
+    return _open_or_create(storage, name, problem, directions, sampler, new_study, pruner)[0]
+
+
+def free_study_name(storage: optuna.storages.BaseStorage, name: str, new_study: bool = False) -> str:
+    """``name``, or with ``new_study`` the first of ``NAME``, ``NAME-2``, ``NAME-3``... not in ``storage``."""
+    existing = {s.study_name for s in optuna.get_all_study_summaries(storage)}
     base, n = name, 2
     while new_study and name in existing:
         name, n = f"{base}-{n}", n + 1
+    return name
+
+
+def _open_or_create(
+    storage: optuna.storages.BaseStorage,
+    name: str,
+    problem: dict[str, Any],
+    directions: list[str],
+    sampler: optuna.samplers.BaseSampler | None = None,
+    new_study: bool = False,
+    pruner: optuna.pruners.BasePruner | None = None,
+) -> tuple[optuna.Study, bool]:
+    """:func:`open_study`, and whether this call created the study."""
+    existing = {s.study_name for s in optuna.get_all_study_summaries(storage)}
+    base, name = name, free_study_name(storage, name, new_study)
     if name not in existing:
+        check_study_name(name)
         try:
             study = optuna.create_study(
                 study_name=name, storage=storage, sampler=sampler, pruner=pruner, directions=directions
             )
         except optuna.exceptions.DuplicatedStudyError:  # a process started with this one made it
             if new_study:
-                return open_study(storage, base, problem, directions, sampler, new_study, pruner)
+                return _open_or_create(storage, base, problem, directions, sampler, new_study, pruner)
         else:
             study.set_user_attr(PROBLEM_ATTR, problem)
             study.set_user_attr("versions", versions())
             name_metrics(study)
-            return study
+            return study, True
     study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
     check_problem(study, problem)
     name_metrics(study)
     refuse_concurrent_sqlite(study)
     fail_orphaned_trials(study)
-    return study
+    return study, False
 
 
-def check_problem(study: optuna.Study, problem: dict[str, Any], wait: float = 5.0) -> None:
-    """Raise StudyMismatchError unless ``study`` was made for ``problem``.
+def check_study_name(name: str) -> None:
+    """ConfigError unless ``name`` fits every storage (RDB storages index 512 characters)."""
+    if not name.strip() or len(name) > rdb_models.MAX_INDEXED_STRING_LENGTH:
+        raise ConfigError(
+            f"study name of {len(name)} characters {name[:40]!r}{'...' if len(name) > 40 else ''} is "
+            f"{'empty' if not name.strip() else 'too long'}; pass a --study name of 1 to "
+            f"{rdb_models.MAX_INDEXED_STRING_LENGTH} characters"
+        )
+
+
+def require_problem(study: optuna.Study, wait: float = 5.0, fix: str | None = None) -> dict[str, Any]:
+    """The problem ``study`` records, or StudyMismatchError if optuna-prune did not make it.
 
     A study without trials may have been created a moment ago by a process started with this
     one, which records the problem right after: wait up to ``wait`` seconds for it.
@@ -245,14 +306,39 @@ def check_problem(study: optuna.Study, problem: dict[str, Any], wait: float = 5.
         time.sleep(0.1)
     if stored is None:
         raise StudyMismatchError(
-            f"study {study.study_name!r} was not created by optuna-prune; use another --study name"
+            f"study {study.study_name!r} was not created by optuna-prune (it records no problem); "
+            + (fix or "pass a study that optuna-prune search or create made (optuna-prune studies lists them)")
         )
-    for key in PROBLEM_KEYS:
+    return stored
+
+
+def check_problem(study: optuna.Study, problem: dict[str, Any], wait: float = 5.0,
+                  keys: tuple[str, ...] = PROBLEM_KEYS) -> None:
+    """Raise StudyMismatchError unless ``study`` was made for ``problem`` (compared on ``keys``).
+
+    A study without trials may have been created a moment ago by a process started with this
+    one, which records the problem right after: wait up to ``wait`` seconds for it.
+    """
+    stored = require_problem(study, wait, fix="use another --study name")
+    for key in keys:
         if stored.get(key) != problem.get(key):
             raise StudyMismatchError(
                 f"study {study.study_name!r} was created with {key}={stored.get(key)!r}, not "
                 f"{problem.get(key)!r}; resume with the same settings, or pass --new-study or another --study"
             )
+
+
+def check_resume(cfg: SearchConfig, study: optuna.Study, sampler: optuna.samplers.BaseSampler) -> None:
+    """Refuse, writing nothing, a resume the study would reject once trials run: a sampler set up
+    unlike the run that started its method in the study (e.g. another --population), or seeds
+    from a SLEB run the study does not have."""
+    check = getattr(sampler, "check_resume", None)
+    if check is not None:
+        check(study)
+    if "sleb" in cfg.seed_with and sleb_result(study) is None:
+        raise ConfigError(
+            f"seed_with sleb needs a finished SLEB run in study {study.study_name!r}: run --sampler sleb first"
+        )
 
 
 def method_trials(study: optuna.Study, method: str, states: tuple[TrialState, ...] | None = None) -> list[optuna.trial.FrozenTrial]:
@@ -721,20 +807,96 @@ def default_budget(cfg: SearchConfig, sampler: optuna.samplers.BaseSampler) -> M
     return MethodBudget(cfg.sampler, population * 10)
 
 
+def n_objectives_of(cfg: SearchConfig) -> int:
+    """One objective, or one per CCDS cluster with ``objective_mode = "clusters"``."""
+    return cfg.ccds_clusters if cfg.objective_mode == "clusters" else 1
+
+
+def _existing_storage(cfg: SearchConfig) -> optuna.storages.BaseStorage | None:
+    """The storage if it exists (opened, so a bad URL or an unreachable server fails now), else None
+    after checking that its file can be created: a refused search leaves no empty database behind."""
+    path = storage_file(cfg.storage)
+    if path is not None and not path.exists():
+        from optuna_prune.outputs import OutputError, check_writable_folder
+
+        if path.is_symlink():
+            raise StorageError(f"storage {cfg.storage!r} is a broken symbolic link; fix it or name another file")
+        try:
+            check_writable_folder(path.parent, f"storage {cfg.storage or DEFAULT_STORAGE!r}")
+        except OutputError as exc:
+            raise StorageError(str(exc)) from None
+        return None
+    return open_storage(cfg.storage, cfg.heartbeat)
+
+
+def precheck(cfg: SearchConfig, storage: optuna.storages.BaseStorage | None, new_study: bool) -> None:
+    """Refuse before any model is loaded what a resume would refuse after: a ``--study`` made for
+    another model, k, calibration source, fitness or sampler settings, or seeds it cannot give."""
+    from optuna_prune.calibration import source_label
+    from optuna_prune.models import model_identity
+
+    name = None
+    if storage is not None and cfg.study is not None:
+        name = free_study_name(storage, cfg.study, new_study)
+        names = {s.study_name for s in optuna.get_all_study_summaries(storage)}
+        name = name if name in names else None
+    if name is None:  # a new study, unless the derived name finds one once the model is loaded
+        if "sleb" in cfg.seed_with and (new_study or cfg.study is not None):
+            raise ConfigError("seed_with sleb needs a finished SLEB run in this study: run --sampler sleb first")
+        return
+    study = optuna.load_study(study_name=name, storage=storage)
+    stored = require_problem(study, fix="use another --study name")
+    space_name = None if cfg.space == "layers" else cfg.space
+    partial = {"model": model_identity(cfg.model), "calibration": source_label(cfg.calibration),
+               "fitness": cfg.fitness, "objective_mode": cfg.objective_mode,
+               "ccds_clusters": cfg.ccds_clusters, "space": space_name}
+    check_problem(study, partial, wait=0, keys=tuple(partial))
+    num_layers = stored.get("num_layers")
+    if not isinstance(num_layers, int):
+        return
+    try:
+        space = make_space(cfg, num_layers)
+    except SpaceError as exc:
+        raise ConfigError(str(exc)) from None
+    check_problem(study, {"num_drop": space.num_drop}, wait=0, keys=("num_drop",))
+    check_resume(cfg, study, make_sampler(cfg, space, n_objectives_of(cfg)))
+
+
+def announce_plan(cfg: SearchConfig, space: LayerMaskSpace) -> None:
+    """Say how many layers (blocks, width units) the search drops and the real sparsity; name the
+    ``--drop`` that gives exactly what ``--sparsity`` asked for when it does not divide evenly."""
+    kind = {"sublayers": "attention/MLP blocks", "rates": "MLP-width units"}.get(cfg.space, "layers")
+    total = space.n_layers * space.resolution if cfg.space == "rates" else space.num_layers
+    k = space.num_drop
+    line = f"{'pruning' if cfg.space == 'rates' else 'dropping'} {k} of {total} {kind}: sparsity {k / total:.1%}"
+    if cfg.sparsity is not None and cfg.space != "rates" and abs(cfg.sparsity * total - k) > 1e-6:
+        other = k + 1 if cfg.sparsity * total > k else k - 1
+        line += f" (--sparsity {cfg.sparsity} asks for {cfg.sparsity * total:.2f} {kind}, which rounds to {k}"
+        if 0 < other < total:
+            line += f"; --drop {other} gives {other / total:.1%}"
+        line += f"; --drop {k} keeps this without rounding)"
+        log.warning(line)
+    else:
+        log.info(line)
+
+
 def prepare(cfg: SearchConfig, new_study: bool = False, record_config: bool = True) -> SearchSetup:
     """Load the model and calibration set, open (or resume) the study, build sampler and objective.
 
     ``record_config=False`` (a worker joining the study) keeps the config its creator recorded.
+    Every check that can refuse the search runs before anything is written: first the ones that
+    need no model (storage, device, a resumed --study's settings), then the model's and the
+    calibration corpus's; a study this call created is removed again if its setup fails.
     """
     from optuna_prune.calibration import build_calibration
     from optuna_prune.ccds import CCDSConfig
-    from optuna_prune.fitness import make_fitness
-    from optuna_prune.importance import block_influence, lowest
+    from optuna_prune.devices import pick_device
     from optuna_prune.layers import find_layer_stack
     from optuna_prune.models import load_model, model_identity
-    from optuna_prune.objective import CANDIDATE_FAILURES, MaskObjective
 
-    storage = open_storage(cfg.storage, cfg.heartbeat)  # fail on a bad URL before loading anything heavy
+    storage = _existing_storage(cfg)  # fail on a bad URL before loading anything heavy
+    pick_device(cfg.device)
+    precheck(cfg, storage, new_study)
     model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     num_layers = find_layer_stack(model).num_layers
     try:
@@ -748,14 +910,88 @@ def prepare(cfg: SearchConfig, new_study: bool = False, record_config: bool = Tr
         seed=cfg.seed, data_dir=cfg.data_dir, ccds=ccds,
     )
     problem = problem_of(cfg, model_identity(cfg.model), num_layers, num_drop, calibration)
-    n_objectives = cfg.ccds_clusters if cfg.objective_mode == "clusters" else 1
+    n_objectives = n_objectives_of(cfg)
     sampler = make_sampler(cfg, space, n_objectives)
     pruner = make_pruner(cfg, sampler)
-    study = open_study(
-        storage, cfg.study or default_study_name(problem), problem,
-        ["minimize"] * n_objectives, sampler, new_study, pruner,
-    )
-    if record_config:
+    new_file = storage_file(cfg.storage) if storage is None else None
+    new_folders = [] if new_file is None else _missing_folders(new_file.parent)
+    if storage is None:
+        storage = open_storage(cfg.storage, cfg.heartbeat)
+    try:
+        name = free_study_name(storage, cfg.study or default_study_name(problem), new_study)
+        if name in {s.study_name for s in optuna.get_all_study_summaries(storage)}:
+            existing = optuna.load_study(study_name=name, storage=storage)
+            check_problem(existing, problem)
+            check_resume(cfg, existing, sampler)  # before opening it fails orphaned trials
+        elif "sleb" in cfg.seed_with:
+            raise ConfigError("seed_with sleb needs a finished SLEB run in this study: run --sampler sleb first")
+        study, created = _open_or_create(storage, name, problem, ["minimize"] * n_objectives, sampler, new_study, pruner)
+        if not created:
+            check_resume(cfg, study, sampler)  # a process started with this one may have made it
+    except BaseException:
+        _remove_new_storage(storage, new_file, new_folders)
+        raise
+    try:
+        setup = _set_up(cfg, study, sampler, pruner, space, model, tokenizer, calibration, record_config)
+    except BaseException:
+        if created:
+            _discard_new_study(study, new_file, new_folders)
+        raise
+    return setup
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    from optuna_prune.outputs import missing_folders
+
+    return missing_folders(folder)
+
+
+def _discard_new_study(study: optuna.Study, new_file: Path | None, new_folders: list[Path]) -> None:
+    """Remove a study this process created whose setup failed (and its storage file if this process
+    made that too), unless another worker has meanwhile started trials in it."""
+    try:
+        if study.get_trials(deepcopy=False):
+            return
+        optuna.delete_study(study_name=study.study_name, storage=study._storage)
+    except Exception:  # the setup's own error is the one to report
+        return
+    _remove_new_storage(study._storage, new_file, new_folders)
+
+
+def _remove_new_storage(storage: optuna.storages.BaseStorage, new_file: Path | None, new_folders: list[Path]) -> None:
+    """Remove a storage file this process created, if it holds no study."""
+    if new_file is None:
+        return
+    try:
+        if optuna.get_all_study_summaries(storage):
+            return
+        backend = storage_backend(storage)
+        if isinstance(backend, RDBStorage):
+            backend.engine.dispose()
+        new_file.unlink(missing_ok=True)
+        for suffix in ("-journal", "-wal", "-shm", ".lock"):  # SQLite's side files, the journal's lock
+            new_file.with_name(new_file.name + suffix).unlink(missing_ok=True)
+    except Exception:
+        return
+    from optuna_prune.outputs import remove_empty_folders
+
+    remove_empty_folders(new_folders)
+
+
+def _set_up(
+    cfg: SearchConfig, study: optuna.Study, sampler: optuna.samplers.BaseSampler,
+    pruner: optuna.pruners.BasePruner | None, space: LayerMaskSpace, model: Any, tokenizer: Any,
+    calibration: Any, record_config: bool,
+) -> SearchSetup:
+    """The part of :func:`prepare` that writes: config and clusters on the study, the fitness (the
+    dense pass), the objective, and the seeds enqueued."""
+    from optuna_prune.fitness import make_fitness
+    from optuna_prune.importance import block_influence, lowest
+    from optuna_prune.objective import CANDIDATE_FAILURES, MaskObjective
+
+    num_drop = space.num_drop
+    if record_config:  # a search or create; a worker joins a study whose k was announced when it was made
+        announce_plan(cfg, space)
         study.set_user_attr("config", cfg.replace(study=study.study_name).to_dict())
     if calibration.clusters is not None:
         study.set_user_attr("ccds", calibration.clusters)
@@ -989,8 +1225,11 @@ def load_existing_study(name: str, storage_url: str | None) -> optuna.Study:
     storage = open_storage(storage_url, create=False)
     names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
     if name not in names:
+        shown = names if len(names) <= 10 else [*names[:10], f"... {len(names) - 10} more"]
         raise StudyMismatchError(
-            f"no study {name!r} in {storage_url or DEFAULT_STORAGE}; it holds {names or 'no studies'} "
+            f"no study {name!r} in {storage_url or DEFAULT_STORAGE}; it holds {shown or 'no studies'} "
             "(optuna-prune studies --storage URL lists them)"
         )
-    return optuna.load_study(study_name=name, storage=storage)
+    study = optuna.load_study(study_name=name, storage=storage)
+    require_problem(study)
+    return study

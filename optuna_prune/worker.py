@@ -60,8 +60,12 @@ def run_worker(
     ``n_trials`` caps this worker's own trials; ``device`` (e.g. ``cuda:1``) picks its GPU. Every
     other setting is the study's recorded config, which the worker leaves as it found it.
     """
+    from optuna_prune.devices import pick_device
+
     if n_trials is not None and n_trials < 1:
-        raise ConfigError(f"n_trials {n_trials} must be >= 1")
+        raise ConfigError(f"n_trials {n_trials} must be >= 1; omit --n-trials to run until the budget is reached")
+    if device is not None:
+        pick_device(device)  # before waiting on storage or loading a model
     study = load_existing_study(study_name, storage_url)
     refuse_concurrent_sqlite(study)  # before loading a model for nothing
     recorded = config_of(study)

@@ -152,11 +152,16 @@ def test_tokenising_is_bounded(tokenizer):
     assert max(seen) <= calibration.CHARS_PER_TOKEN * calibration.OVERSAMPLE * 2 * 64
 
 
-def test_overlapping_windows_warn_when_corpus_is_short(tmp_path, tokenizer):
+def test_a_request_the_corpus_cannot_fill_is_refused(tmp_path, tokenizer):
+    """Overlapping windows would score the same tokens twice: refused, naming what fits."""
     (tmp_path / "s.txt").write_text("\n\n".join(_paragraphs(30)), encoding="utf-8")
-    with pytest.warns(UserWarning, match="overlap"):
-        cs = build_calibration(tokenizer, str(tmp_path / "s.txt"), n_samples=8, seq_len=64, seed=0)
-    assert cs.input_ids.shape == (8, 64)
+    source = str(tmp_path / "s.txt")
+    n_tokens = len(tokenizer("\n\n".join(load_texts(source)))["input_ids"])
+    with pytest.raises(CalibrationError, match=rf"needs 8 x 64 = 512 tokens but .*s.txt has only {n_tokens}.*"
+                                               rf"at most {n_tokens // 64} samples of 64 tokens fit"):
+        build_calibration(tokenizer, source, n_samples=8, seq_len=64, seed=0)
+    cs = build_calibration(tokenizer, source, n_samples=n_tokens // 64, seq_len=64, seed=0)
+    assert cs.input_ids.shape == (n_tokens // 64, 64)
 
 
 @pytest.mark.parametrize(
@@ -187,7 +192,7 @@ def test_missing_path_and_unknown_split(tmp_path):
 
 def test_corpus_shorter_than_a_window(tmp_path, tokenizer):
     (tmp_path / "s.txt").write_text("\n\n".join(_paragraphs(6)), encoding="utf-8")
-    with pytest.raises(CalibrationError, match=r"needs 2 x 4096 tokens but .*s\.txt has only \d+; lower"):
+    with pytest.raises(CalibrationError, match=r"needs 2 x 4096 = 8,192 tokens but .*s\.txt has only \d+; lower --seq-len below \d+"):
         build_calibration(tokenizer, str(tmp_path / "s.txt"), n_samples=2, seq_len=4096)
 
 

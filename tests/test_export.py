@@ -38,9 +38,9 @@ def test_choose_trial_takes_only_complete_exact_k_masks(recorded_study):
     assert choose_trial(recorded_study, 1).user_attrs["dropped"] == [3, 6]
     with pytest.raises(TrialChoiceError, match="no trial 42"):
         choose_trial(recorded_study, 42)
-    with pytest.raises(TrialChoiceError, match=r"trial 0 .*\(PRUNED, drops 1 of the study's 2"):
+    with pytest.raises(TrialChoiceError, match=r"trial 0 .*: it is PRUNED and drops 1 of the study's 2 layers; .*--best"):
         choose_trial(recorded_study, 0)  # SLEB's partial step
-    with pytest.raises(TrialChoiceError, match=r"trial 4 .*\(FAIL\)"):
+    with pytest.raises(TrialChoiceError, match=r"trial 4 .*: it is FAIL; "):
         choose_trial(recorded_study, 4)
 
 
@@ -60,3 +60,33 @@ def test_cli_export_and_its_one_line_errors(recorded_study, tmp_path, capsys):
         assert main(["export", "recorded", "--storage", storage, *flags, "--out", str(tmp_path / "y")]) == 2
         err = capsys.readouterr().err
         assert err.startswith("optuna-prune: error: ") and "trial" in err and err.count("\n") == 1
+
+
+def test_export_refuses_a_used_out_unless_overwrite_and_replaces_it_whole(recorded_study, tmp_path, capsys):
+    storage = recorded_study.user_attrs["config"]["storage"]
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "README.md").write_text("my notes")
+    (out / "old-shard.safetensors").write_text("stale")
+    argv = ["export", "recorded", "--storage", storage, "--trial", "1", "--out", str(out)]
+    assert main(argv) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (out / "README.md").read_text() == "my notes"
+    assert main([*argv, "--overwrite"]) == 0
+    assert not (out / "old-shard.safetensors").exists()  # replaced, not merged
+    assert "[3, 6]" in (out / "README.md").read_text()
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "recorded.db"]  # no temporary folder left
+
+
+def test_a_failed_export_leaves_no_folder(recorded_study, tmp_path, monkeypatch):
+    import optuna_prune.layers
+
+    def half_written(model, dropped, out_dir, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        (out_dir / "config.json").write_text("{}")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(optuna_prune.layers, "save_pruned", half_written)
+    with pytest.raises(OSError, match="No space left"):
+        export_trial(recorded_study, 2, tmp_path / "new" / "pruned")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recorded.db"]

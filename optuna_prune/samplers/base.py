@@ -444,19 +444,27 @@ class MaskSampler(BaseSampler, abc.ABC):
         study._storage.set_trial_system_attr(trial._trial_id, MASK_KEY, list(dropped))
         return dropped
 
+    def check_resume(self, study: Study) -> bool:
+        """SpaceError if ``study`` was searched by this method with other settings (:meth:`config`),
+        e.g. another population size; writes nothing. Returns whether the study records them."""
+        stored = study._storage.get_study_system_attrs(study._study_id).get(self.config_key())
+        mine = self.config()
+        if stored is not None and stored != mine:
+            diff = ", ".join(
+                f"{k}={stored.get(k)!r} (now {mine.get(k)!r})"
+                for k in sorted(set(stored) | set(mine)) if stored.get(k) != mine.get(k)
+            )
+            raise SpaceError(
+                f"study {study.study_name!r} was searched by {self.method} with {diff}; resume with "
+                "the same settings (e.g. the same --population), or pass --new-study or another --study"
+            )
+        return stored is not None
+
     def _check_config(self, study: Study) -> None:
         if (id(study._storage), study._study_id) in self._checked:
             return  # once per study and process: the stored config is written only once
-        key = self.config_key()
-        stored = study._storage.get_study_system_attrs(study._study_id).get(key)
-        mine = self.config()
-        if stored is None:
-            study._storage.set_study_system_attr(study._study_id, key, mine)
-        elif stored != mine:
-            raise SpaceError(
-                f"study {study.study_name!r} was searched by {self.method} with {stored}, "
-                f"but this sampler has {mine}; use the same settings to resume or a new study"
-            )
+        if not self.check_resume(study):
+            study._storage.set_study_system_attr(study._study_id, self.config_key(), self.config())
         self._checked.add((id(study._storage), study._study_id))
 
     def _claim(self, study: Study, trial: FrozenTrial, seed: tuple[int, ...] | None) -> Proposal:
