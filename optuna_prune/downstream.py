@@ -84,17 +84,10 @@ def task_manager(tasks: Sequence[str], data_dir: str | Path | None = None) -> It
     if root is None:
         yield TaskManager()
         return
-    unknown = [t for t in tasks if t not in OFFLINE_FILES]
-    if unknown:
-        raise DownstreamError(
-            f"no offline definition of tasks {unknown}; offline tasks are {', '.join(OFFLINE_FILES)} "
-            "(leave --data-dir and $OPTUNA_PRUNE_DATA unset to use lm-eval's built-in tasks online)"
-        )
+    check_tasks(tasks, data_dir=root)
     with tempfile.TemporaryDirectory(prefix="optuna-prune-tasks-") as tmp:
         for task in tasks:
             data = root / OFFLINE_FILES[task]
-            if not data.is_file():
-                raise DownstreamError(f"offline task {task} needs {data}, which does not exist")
             (Path(tmp) / f"{task}.yaml").write_text(
                 f"include: {(TASKS_DIR / f'{task}.yaml').as_posix()!r}\n"
                 f"dataset_kwargs:\n  data_files:\n    test: {data.as_posix()!r}\n",
