@@ -161,22 +161,31 @@ class DarwinObjective(MaskObjective):
         return result, why
 
 
-def make_darwin_objective(cfg: Any, fitness: Any, space: Any, tokenizer: Any) -> DarwinObjective:
+def darwin_training_windows(cfg: Any, calibration: Any, tokenizer: Any) -> torch.Tensor:
+    """The training text a darwin search needs: ``sum(cfg.train_tokens)`` tokens of the calibration
+    corpus apart from the calibration samples, in windows of ``cfg.seq_len`` (CalibrationError
+    when the corpus is too short: raised before a study is created)."""
+    schedule = stage_schedule(cfg.train_tokens, cfg.seq_len, calibration.n_samples, cfg.fidelity)
+    n_windows = sum(s.train_windows for s in schedule)
+    return training_windows(
+        tokenizer, cfg.calibration, n_windows * cfg.seq_len, cfg.seq_len, cfg.data_dir,
+        exclude=calibration.input_ids,
+    )
+
+
+def make_darwin_objective(cfg: Any, fitness: Any, space: Any, tokenizer: Any,
+                          windows: torch.Tensor | None = None) -> DarwinObjective:
     """The training-aware objective a search config asks for (``sampler = "darwin"``).
 
-    Training text: ``sum(cfg.train_tokens)`` tokens of the calibration corpus apart from the
-    calibration samples, in windows of ``cfg.seq_len``.
+    Training text: ``windows`` from :func:`darwin_training_windows`, made here if not given.
     """
     calibration = fitness.calibration
     schedule = stage_schedule(cfg.train_tokens, cfg.seq_len, calibration.n_samples, cfg.fidelity)
     settings = TrainSettings(
         loss=cfg.train_loss, lr=cfg.lr, batch_size=cfg.batch_size, lora=cfg.lora, seed=cfg.seed
     )
-    n_windows = sum(s.train_windows for s in schedule)
-    windows = training_windows(
-        tokenizer, cfg.calibration, n_windows * cfg.seq_len, cfg.seq_len, cfg.data_dir,
-        exclude=calibration.input_ids,
-    )
+    if windows is None:
+        windows = darwin_training_windows(cfg, calibration, tokenizer)
     dense = None
     if fitness.name == "kl":  # reuse the fitness's dense pass: its last-layer outputs
         dense = torch.cat([h[-1].cpu() for h in fitness.dense_hidden_states()])

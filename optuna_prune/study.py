@@ -909,6 +909,11 @@ def prepare(cfg: SearchConfig, new_study: bool = False, record_config: bool = Tr
         tokenizer, cfg.calibration, n_samples=cfg.n_samples, seq_len=cfg.seq_len,
         seed=cfg.seed, data_dir=cfg.data_dir, ccds=ccds,
     )
+    train_windows = None
+    if cfg.sampler == "darwin":  # its training text must suffice too, before a study is created
+        from optuna_prune.darwin import darwin_training_windows
+
+        train_windows = darwin_training_windows(cfg, calibration, tokenizer)
     problem = problem_of(cfg, model_identity(cfg.model), num_layers, num_drop, calibration)
     n_objectives = n_objectives_of(cfg)
     sampler = make_sampler(cfg, space, n_objectives)
@@ -932,7 +937,8 @@ def prepare(cfg: SearchConfig, new_study: bool = False, record_config: bool = Tr
         _remove_new_storage(storage, new_file, new_folders)
         raise
     try:
-        setup = _set_up(cfg, study, sampler, pruner, space, model, tokenizer, calibration, record_config)
+        setup = _set_up(cfg, study, sampler, pruner, space, model, tokenizer, calibration, record_config,
+                        train_windows)
     except BaseException:
         if created:
             _discard_new_study(study, new_file, new_folders)
@@ -981,7 +987,7 @@ def _remove_new_storage(storage: optuna.storages.BaseStorage, new_file: Path | N
 def _set_up(
     cfg: SearchConfig, study: optuna.Study, sampler: optuna.samplers.BaseSampler,
     pruner: optuna.pruners.BasePruner | None, space: LayerMaskSpace, model: Any, tokenizer: Any,
-    calibration: Any, record_config: bool,
+    calibration: Any, record_config: bool, train_windows: Any = None,
 ) -> SearchSetup:
     """The part of :func:`prepare` that writes: config and clusters on the study, the fitness (the
     dense pass), the objective, and the seeds enqueued."""
@@ -1012,7 +1018,7 @@ def _set_up(
     if cfg.sampler == "darwin":
         from optuna_prune.darwin import make_darwin_objective
 
-        objective = make_darwin_objective(cfg, fitness, space, tokenizer)
+        objective = make_darwin_objective(cfg, fitness, space, tokenizer, train_windows)
     elif cfg.space != "rates":
         objective = MaskObjective(
             fitness, space, method=cfg.sampler, cluster_ids=calibration.cluster_ids,

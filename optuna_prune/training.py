@@ -129,7 +129,7 @@ def training_windows(
             raise CalibrationError(
                 f"{source!r} has {len(windows) * seq_len} tokens of training text apart from the "
                 f"calibration samples, fewer than the {n_tokens} asked for; lower the training "
-                "tokens or use a larger corpus"
+                "tokens (search: --train-tokens, finetune: --tokens) or use a larger corpus"
             )
         budget *= 2
 

@@ -370,6 +370,13 @@ def test_a_corpus_too_small_is_refused_before_the_study_exists(model_world, tiny
     assert not (model_world / "new").exists()  # no storage file, no folder for it
 
 
+def test_darwin_training_text_too_short_is_refused_before_the_study_exists(model_world, tiny_checkpoint, capsys):
+    argv = tiny_search(tiny_checkpoint, "--drop", "2", "--sampler", "darwin", "--calibration", "small.txt",
+                       "--train-tokens", "100000", "--survivors", "2,1", storage="sqlite:///new.db")
+    line = run_refused(model_world, capsys, argv)
+    assert "small.txt" in line and "fewer than the 100000 asked for" in line and "training tokens" in line
+
+
 def test_a_refused_resume_appends_no_trial(model_world, tiny_checkpoint, capsys, monkeypatch):
     assert main(tiny_search(tiny_checkpoint, "--drop", "2", "--population", "4", "--n-trials", "2")) == 0
     (name,) = [s.study_name for s in optuna.get_all_study_summaries("sqlite:///s.db")]
