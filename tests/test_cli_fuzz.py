@@ -37,8 +37,9 @@ from optuna_prune.config import SearchConfig
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 NO_MODEL = "/nonexistent/optuna-prune-fuzz/model"
-COMMANDS = ("search", "create", "worker", "studies", "show", "report", "export", "evaluate", "finetune", "dashboard")
-READ_ONLY = ("worker", "studies", "show", "report", "export", "evaluate", "finetune", "dashboard")
+COMMANDS = ("search", "create", "worker", "studies", "show", "report", "export", "evaluate", "finetune",
+            "fail-stale", "dashboard")
+READ_ONLY = ("worker", "studies", "show", "report", "export", "evaluate", "finetune", "fail-stale", "dashboard")
 STORAGE_SUFFIXES = (".db", ".log", ".journal", ".sqlite")
 DB = "store.db"
 LONG_NAME = "s" * 600
@@ -185,6 +186,7 @@ def argv_for(command: str, *extra: str, study: str = "recorded") -> list[str]:
         "export": ["export", study, "--out", "out-folder"],
         "evaluate": ["evaluate", study, "--tasks", "", "--datasets", "pydoc", "--no-speed"],
         "finetune": ["finetune", study, "--best", "--tokens", "100", "--out", "out-folder"],
+        "fail-stale": ["fail-stale", study, "--yes"],
         "dashboard": ["dashboard", "--port", "8765"],
     }[command]
     storage = [] if "--storage" in extra else ["--storage", f"sqlite:///{DB}"]
