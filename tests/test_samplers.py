@@ -471,6 +471,33 @@ def test_workers_that_propose_from_the_same_shared_storage_get_different_masks(
     assert len(claimed) == 3 and len(set(claimed)) == 3, claimed
 
 
+def test_a_rival_that_claims_and_finishes_a_mask_between_read_and_claim_is_seen(
+    tmp_path: Path,
+) -> None:
+    """The reread after a claim must see a rival's trial that is already told, not only running ones."""
+    space = LayerMaskSpace(8, 3)
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "journal.log")))
+    optuna.create_study(storage=storage, study_name="s")
+    slow, fast = (
+        optuna.load_study(study_name="s", storage=storage, sampler=ExhaustiveMaskSampler(space))
+        for _ in range(2)
+    )
+    slow.sampler.poll_interval = 0.01
+    propose = slow.sampler._propose
+
+    def propose_then_rival_runs(*args: Any) -> Any:
+        proposal = propose(*args)
+        if len(fast.trials) == 1:  # the rival read the study before this claim and tells at once
+            rival = fast.ask()
+            fast.tell(rival, 1.0)
+        return proposal
+
+    slow.sampler._propose = propose_then_rival_runs
+    slow.ask()
+    claimed = masks(slow, space)
+    assert len(claimed) == 2 and len(set(claimed)) == 2, claimed
+
+
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_a_worker_killed_while_proposing_leaves_a_trial_that_is_retried(tmp_path: Path) -> None:
     """Optuna beats only from the objective on, and never fails a RUNNING trial without beats."""

@@ -50,6 +50,7 @@ FIXED_PARAMS_KEY = "fixed_params"  # where Optuna's enqueue_trial keeps the enqu
 _LONG_WAIT = 600.0  # seconds of waiting on the same trials before a warning
 _ENUMERATE_LIMIT = 100_000  # below this many masks, a random search may list the unseen ones
 _MAX_CLAIMS = 20  # proposals a trial makes while workers of other processes claim the same masks
+_CLAIMING = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED, TrialState.WAITING)
 _LOCAL_POLL = 0.05  # seconds between rereads while waiting on trials of this process's threads
 
 
@@ -472,7 +473,7 @@ class MaskSampler(BaseSampler, abc.ABC):
 
         Threads of this process propose one at a time (``_wait_for_proposal``). Workers of other
         processes may read a shared storage at the same moment and propose alike: each writes its
-        claim, then reads the running trials again. Storage is linearizable, so at least one of
+        claim, then reads the trials again. Storage is linearizable, so at least one of
         two racers sees the other's claim; whoever sees one withdraws its own, waits a random
         moment (deterministic samplers such as SLEB would collide again) and proposes anew. A
         mask of a finished trial is repeated on purpose (SLEB rescoring another method's mask,
@@ -491,10 +492,10 @@ class MaskSampler(BaseSampler, abc.ABC):
                 or proposal.dropped in self._seen(finished)
             ):
                 return proposal
-            running = storage.get_all_trials(
-                study._study_id, deepcopy=False, states=(TrialState.RUNNING,)
-            )
-            if proposal.dropped not in self._seen(running, exclude=trial.number):
+            # Not only RUNNING ones: a rival on a fast objective may have claimed and told the
+            # same mask between this proposal's read and its claim.
+            rivals = storage.get_all_trials(study._study_id, deepcopy=False, states=_CLAIMING)
+            if proposal.dropped not in self._seen(rivals, exclude=trial.number):
                 return proposal
             _logger.debug(
                 "trial %d withdraws %s: another worker claimed it", trial.number, proposal.dropped
