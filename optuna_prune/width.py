@@ -17,13 +17,13 @@ only go with its whole KV group, and MLP channels hold about two thirds of a dec
 Saving: transformers configs hold one ``intermediate_size`` for every layer, so
 :func:`save_width_pruned` writes a normal checkpoint plus the config field
 ``optuna_prune_intermediate_sizes`` (one width per layer). ``AutoModelForCausalLM.from_pretrained``
-refuses it (size mismatch); :func:`load_width_pruned` builds the model from its config, resizes each
-MLP to its recorded width and loads the safetensors weights strictly. Model side: no Optuna here.
+refuses it (size mismatch); :func:`optuna_prune.models.load_model` recognises the field and builds the
+model from its config, resizes each MLP to its recorded width (:func:`prune_channels`) and loads the
+safetensors weights strictly. Model side: no Optuna here.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -35,7 +35,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from optuna_prune.calibration import CalibrationSet
-from optuna_prune.devices import inference_mode, pick_device, pick_dtype
+from optuna_prune.devices import inference_mode
 from optuna_prune.fitness import FitnessResult, NonFiniteLossError, SampleLoss, token_losses
 from optuna_prune.layers import (
     UnsupportedModelError,
@@ -44,7 +44,6 @@ from optuna_prune.layers import (
     model_features,
     output_folder,
 )
-from optuna_prune.models import ModelNotFoundError
 
 SIZES_KEY = "optuna_prune_intermediate_sizes"
 """Config field of a width-pruned checkpoint: the MLP intermediate size of each decoder layer."""
@@ -173,7 +172,7 @@ def save_width_pruned(
     tokenizer: Any = None,
     extra_card: dict[str, Any] | None = None,
 ) -> Path:
-    """Prune ``model`` (which the caller gives up) to ``keep`` and save it; load with :func:`load_width_pruned`."""
+    """Prune ``model`` (which the caller gives up) to ``keep`` and save it; load with :func:`optuna_prune.models.load_model`."""
     dense = sum(p.numel() for p in model.parameters())
     source = getattr(model.config, "name_or_path", "") or type(model).__name__
     before = intermediate_sizes(model)
@@ -187,7 +186,7 @@ def save_width_pruned(
         f"- MLP intermediate sizes per layer: {after} (originally {before})",
         f"- MLP channels removed: {1 - sum(after) / sum(before):.2%}; parameters {params:,} of {dense:,}",
         *(f"- {key}: {value}" for key, value in (extra_card or {}).items()), "",
-        "Made with optuna-prune. Load with `optuna_prune.width.load_width_pruned(path)`: the config records",
+        "Made with optuna-prune. Load with `optuna_prune.models.load_model(path)`: the config records",
         f"each layer's MLP width in `{SIZES_KEY}`, which plain `from_pretrained` does not read.", "",
     ]
     with output_folder(out_dir) as out:
@@ -196,42 +195,6 @@ def save_width_pruned(
             tokenizer.save_pretrained(out)
         (out / "README.md").write_text("\n".join(lines), encoding="utf-8")
     return Path(out_dir)
-
-
-def load_width_pruned(
-    path: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
-) -> PreTrainedModel:
-    """Load a checkpoint written by :func:`save_width_pruned` (eval mode, on the chosen device and dtype)."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
-
-    path = Path(path)
-    config = AutoConfig.from_pretrained(path)
-    sizes = getattr(config, SIZES_KEY, None)
-    if sizes is None:
-        raise ModelNotFoundError(f"{path} is not width-pruned (its config has no {SIZES_KEY}); use load_model")
-    index = path / "model.safetensors.index.json"
-    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
-             else ["model.safetensors"])
-    if not all((path / f).is_file() for f in files):
-        raise ModelNotFoundError(f"{path} lacks its safetensors weights ({', '.join(files)})")
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config)
-    prune_channels(model, [torch.arange(int(s)) for s in sizes])  # shapes only: weights come next
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(path / f)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-    if unexpected or set(missing) - tied:
-        raise ModelNotFoundError(
-            f"{path}: weights do not match the recorded widths (missing {sorted(set(missing) - tied)[:3]}, "
-            f"unexpected {sorted(unexpected)[:3]})"
-        )
-    model.tie_weights()
-    dev = pick_device(device)
-    return model.to(device=dev, dtype=pick_dtype(dev, dtype)).eval()
 
 
 class WidthFitness:

