@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ("README.md", "docs/results.md")
+DOCS = ("README.md", "docs/guide.md", "docs/results.md")
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")  # [text](target)
 FENCE = re.compile(r"^```.*?^```", re.S | re.M)
 
