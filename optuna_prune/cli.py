@@ -50,11 +50,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from optuna_prune.outputs import OutputError
     from optuna_prune.space import SpaceError
     from optuna_prune.study import StorageError, StudyMismatchError
+    from optuna_prune.training import TrainingError
 
     return (
         ConfigError, CalibrationError, UnsupportedModelError, ModelNotFoundError, SpaceError,
         StorageError, StudyMismatchError, KeyError, FileNotFoundError, TrialChoiceError, DownstreamError,
-        DeviceError, OutputError, OSError,
+        DeviceError, OutputError, TrainingError, OSError,
     )
 
 

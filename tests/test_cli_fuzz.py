@@ -265,6 +265,7 @@ CASES += [
     ("finetune-out-existing-file", argv_for("finetune", "--out", "afile"), ("afile is an existing file", "--overwrite")),
     ("finetune-out-non-empty-folder", argv_for("finetune", "--out", "existing"), ("not empty", "--overwrite")),
     ("finetune-tokens-0", argv_for("finetune", "--tokens", "0"), ("tokens=0", "--tokens")),
+    ("finetune-lr-0", argv_for("finetune", "--lr", "0"), ("lr=0", "must be > 0")),
     ("finetune-eval-windows-0", argv_for("finetune", "--eval-windows", "0"), ("eval_windows", "--eval-windows")),
     ("finetune-eval-dataset", argv_for("finetune", "--eval", "nosuch"), ("'nosuch'", "known corpus")),
     ("evaluate-batch-size-0", argv_for("evaluate", "--batch-size", "0"), ("batch size 0", "--batch-size 1")),
