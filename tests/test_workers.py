@@ -250,7 +250,9 @@ def _kill_mid_trial(storage: str, proc: subprocess.Popen) -> tuple[int, float]:
         except KeyError:
             continue
         mine = [t for t in trials if t.user_attrs.get("worker") == me]
-        if sum(t.state.is_finished() for t in mine) >= 2 and any(t.state == TrialState.RUNNING for t in mine):
+        # "dropped" is written when the objective starts: before it the worker may still be proposing.
+        evaluating = [t for t in mine if t.state == TrialState.RUNNING and "dropped" in t.user_attrs]
+        if sum(t.state.is_finished() for t in mine) >= 2 and evaluating:
             proc.send_signal(signal.SIGSTOP)
             frozen_at = time.monotonic()
             running = [t for t in load(storage).get_trials(deepcopy=False)
