@@ -256,7 +256,8 @@ def _kill_mid_trial(storage: str, proc: subprocess.Popen) -> tuple[int, float]:
             proc.send_signal(signal.SIGSTOP)
             frozen_at = time.monotonic()
             running = [t for t in load(storage).get_trials(deepcopy=False)
-                       if t.user_attrs.get("worker") == me and t.state == TrialState.RUNNING]
+                       if t.user_attrs.get("worker") == me and t.state == TrialState.RUNNING
+                       and "dropped" in t.user_attrs]
             if running:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
