@@ -8,13 +8,17 @@ n ``{0, 1}`` params through the same ``suggest_mask`` and a subset of the wrong 
 ``PENALTY + |size - k|``. Printed per sampler: the fraction of seeds whose run reaches the optimum
 within ``--trials``, and the median trials to reach it (over the runs that do).
 
-Then the storage cost: the same EvoP run on SQLite and in memory (``--sqlite-jobs`` threads), next
-to Optuna's RandomSampler under the same conditions, whose ratio is what SQLite's commits cost any
-sampler (the trial's params alone are one commit each).
+Then the storage cost, on problem 0 with a cheap objective: seconds for ``--sqlite-trials`` trials
+in memory and on an SQLite file, and their ratio, for each sampler of ``STORAGE_RUNS`` and each
+``--sqlite-jobs`` thread count, all in one run. ``optuna_floor`` is Optuna's RandomSampler on one
+float param: what Optuna's own storage work per trial (create, read, tell) costs any sampler, and
+"vs floor" is a sampler's SQLite time over it.
 
-Writes benchmarks/results/subset_toy.json. Usage (defaults take a few minutes on 2 busy cores):
+Writes ``--out`` (default benchmarks/results/subset_toy.json). Usage (defaults take some
+20 minutes on 2 busy cores):
     python benchmarks/subset_toy.py [--seeds 10] [--trials 300] [--n 20 30] [--k 5 9]
-        [--samplers evop levelswitch random tpe nsgaii] [--sqlite-trials 60] [--sqlite-jobs 4]
+        [--samplers evop levelswitch random tpe nsgaii] [--sqlite-trials 60] [--sqlite-jobs 1 4]
+        [--sqlite-dir DIR] [--out PATH]
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from typing import Any
 import numpy as np
 import optuna
 
-from optuna_prune.subset import EvoPSampler, LevelSwitchSampler, suggest_mask
+from optuna_prune.subset import EvoPSampler, LevelSwitchSampler, RandomMaskSampler, suggest_mask
 
 PENALTY = 100.0  # above every exact-k loss: cost <= 1 per item, |pair| <= PAIR per pair
 PAIR = 0.2
@@ -108,26 +112,53 @@ def trials_to_reach(values: list[float], optimum: float) -> int | None:
     return next((i + 1 for i, v in enumerate(values) if v <= optimum + 1e-9), None)
 
 
-def storage_ratio(problem: Problem, trials: int, jobs: int) -> dict[str, Any]:
-    """Seconds for ``trials`` trials in memory and on SQLite, EvoP and Optuna's RandomSampler."""
-    out: dict[str, Any] = {"trials": trials, "n_jobs": jobs}
-    for name, make in (
-        ("evop", lambda: EvoPSampler.for_subset(problem.n, problem.k, seed=0)),
-        ("random", lambda: optuna.samplers.RandomSampler(seed=0)),
-    ):
-        for where in ("memory", "sqlite"):
-            with tempfile.TemporaryDirectory() as folder:
-                storage = f"sqlite:///{folder}/toy.db" if where == "sqlite" else None
-                study = optuna.create_study(sampler=make(), storage=storage)
-                start = time.perf_counter()
-                study.optimize(
-                    lambda t: problem.loss(suggest_mask(t, problem.n, problem.k)),
-                    n_trials=trials,
-                    n_jobs=jobs,
-                )
-                out[f"{name}_{where}_s"] = round(time.perf_counter() - start, 3)
-        out[f"{name}_ratio"] = round(out[f"{name}_sqlite_s"] / out[f"{name}_memory_s"], 1)
-    out["evop_sqlite_vs_random_sqlite"] = round(out["evop_sqlite_s"] / out["random_sqlite_s"], 2)
+Objective = Callable[[optuna.Trial], float]
+
+
+def storage_runs(problem: Problem) -> dict[str, tuple[Callable[[], optuna.samplers.BaseSampler], Objective]]:
+    """Samplers timed on both storages, each with its objective."""
+    n, k = problem.n, problem.k
+
+    def subset(t: optuna.Trial) -> float:
+        return problem.loss(suggest_mask(t, n, k))
+
+    return {
+        "evop": (lambda: EvoPSampler.for_subset(n, k, seed=0), subset),
+        "random_subset": (lambda: RandomMaskSampler.for_subset(n, k, seed=0), subset),
+        "optuna_random": (lambda: optuna.samplers.RandomSampler(seed=0), subset),
+        "optuna_floor": (
+            lambda: optuna.samplers.RandomSampler(seed=0),
+            lambda t: t.suggest_float("x", 0.0, 1.0),
+        ),
+    }
+
+
+def storage_ratio(
+    problem: Problem, trials: int, jobs: list[int], folder: str | None
+) -> dict[str, Any]:
+    """Seconds for ``trials`` trials in memory and on SQLite, per sampler and thread count."""
+    out: dict[str, Any] = {"trials": trials, "problem": f"{problem.k} of {problem.n}", "runs": []}
+    for n_jobs in jobs:
+        row: dict[str, Any] = {"n_jobs": n_jobs}
+        for name, (make, objective) in storage_runs(problem).items():
+            seconds = {}
+            for where in ("memory", "sqlite"):
+                with tempfile.TemporaryDirectory(dir=folder) as tmp:
+                    storage = f"sqlite:///{tmp}/toy.db" if where == "sqlite" else None
+                    study = optuna.create_study(sampler=make(), storage=storage)
+                    start = time.perf_counter()
+                    study.optimize(objective, n_trials=trials, n_jobs=n_jobs)
+                    seconds[where] = time.perf_counter() - start
+            row[name] = {
+                "memory_s": round(seconds["memory"], 3),
+                "sqlite_s": round(seconds["sqlite"], 3),
+                "ratio": round(seconds["sqlite"] / seconds["memory"], 1),
+                "sqlite_ms_per_trial": round(1000 * seconds["sqlite"] / trials, 1),
+            }
+        floor = row["optuna_floor"]["sqlite_s"]
+        for name in storage_runs(problem):
+            row[name]["sqlite_vs_floor"] = round(row[name]["sqlite_s"] / floor, 2)
+        out["runs"].append(row)
     return out
 
 
@@ -139,7 +170,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--k", type=int, nargs=2, default=(5, 9), metavar=("LOW", "HIGH"))
     parser.add_argument("--samplers", nargs="+", default=list(samplers(2, 1, 0)))
     parser.add_argument("--sqlite-trials", type=int, default=60, help="0 skips the storage test")
-    parser.add_argument("--sqlite-jobs", type=int, default=4)
+    parser.add_argument("--sqlite-jobs", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--sqlite-dir", help="where the SQLite files go (default: the temp dir)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="the JSON to write")
     args = parser.parse_args(argv)
     unknown = set(args.samplers) - set(samplers(2, 1, 0))
     if unknown:
@@ -184,7 +217,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "seconds": round(sum(r["seconds"] for r in rows), 1),
         }
     storage = (
-        storage_ratio(problems[0], args.sqlite_trials, args.sqlite_jobs) if args.sqlite_trials else None
+        storage_ratio(problems[0], args.sqlite_trials, args.sqlite_jobs, args.sqlite_dir)
+        if args.sqlite_trials
+        else None
     )
     result = {
         "command": "python benchmarks/subset_toy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -201,13 +236,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         med = "-" if row["median_trials"] is None else f"{row['median_trials']:g}"
         print(f"{name:<12} {row['reached']:>8} {med:>14} {row['median_gap']:>11.4f} {row['seconds']:>8}")
     if storage:
-        print(f"\nSQLite vs in memory, {storage['trials']} trials, n_jobs={storage['n_jobs']}: "
-              f"EvoP {storage['evop_sqlite_s']} s / {storage['evop_memory_s']} s "
-              f"(x{storage['evop_ratio']}), Optuna RandomSampler {storage['random_sqlite_s']} s / "
-              f"{storage['random_memory_s']} s (x{storage['random_ratio']}); EvoP on SQLite takes "
-              f"x{storage['evop_sqlite_vs_random_sqlite']} RandomSampler's time")  # fmt: skip
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"\nSQLite vs in memory, {storage['trials']} trials of problem 0 ({storage['problem']})")
+        print(f"{'sampler':<14} {'n_jobs':>6} {'memory s':>9} {'SQLite s':>9} {'ratio':>7} "
+              f"{'ms/trial':>9} {'vs floor':>9}")  # fmt: skip
+        for row in storage["runs"]:
+            for name, r in row.items():
+                if name != "n_jobs":
+                    print(f"{name:<14} {row['n_jobs']:>6} {r['memory_s']:>9} {r['sqlite_s']:>9} "
+                          f"{'x' + str(r['ratio']):>7} {r['sqlite_ms_per_trial']:>9} "
+                          f"{'x' + str(r['sqlite_vs_floor']):>9}")  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 

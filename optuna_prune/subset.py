@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from optuna.trial import BaseTrial, Trial
 
 from optuna_prune.samplers.base import MaskSampler
+from optuna_prune.samplers.batched_writes import one_write_for_params
 from optuna_prune.samplers.evop import EvoPSampler
 from optuna_prune.samplers.exhaustive import ExhaustiveMaskSampler
 from optuna_prune.samplers.levelswitch import LevelSwitchSampler
@@ -61,5 +62,6 @@ def suggest_mask(
             f"the study's sampler searches {sampler.space}, but the objective asks for {space}; "
             f"build the sampler with for_subset({n}, {k}) or call suggest_mask with its n and k"
         )
-    params = {name: trial.suggest_categorical(name, [0, 1]) for name in space.param_names}
+    with one_write_for_params(trial):  # n params, one storage commit
+        params = {name: trial.suggest_categorical(name, [0, 1]) for name in space.param_names}
     return space.dropped_from_params(params)

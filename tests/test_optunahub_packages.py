@@ -1,5 +1,6 @@
-"""Each folder under package/samplers/ is an OptunaHub package: front matter, loadable with
-``optunahub.load_local_module``, the package's own class (not a copy), a working example and test."""
+"""Each folder under package/samplers/ is an OptunaHub package: front matter, a LICENSE, loadable
+with ``optunahub.load_local_module``, the package's own class (not a copy), a working example and
+test."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 
 from optuna_prune import subset
 
-REGISTRY = Path(__file__).resolve().parents[1] / "package"
+ROOT = Path(__file__).resolve().parents[1]
+REGISTRY = ROOT / "package"
 PACKAGES = sorted(p.name for p in (REGISTRY / "samplers").iterdir() if (p / "__init__.py").exists())
 FRONT_MATTER = ("author", "title", "description", "tags", "optuna_versions", "license")
 
@@ -43,3 +45,15 @@ def test_package_loads_the_library_code_and_runs(name: str, capsys: pytest.Captu
     assert float(best) > 0 and len(eval(chosen)) == 3  # noqa: S307 - a tuple we printed
     tests = runpy.run_path(str(folder / "tests" / "test_sampler.py"))
     tests[f"test_{name}_finds_the_best_subset"]()
+
+
+@pytest.mark.parametrize("name", PACKAGES)
+def test_package_carries_the_project_license(name: str) -> None:
+    """The registry wants a LICENSE in every package folder: the project's own, as the README says."""
+    folder = REGISTRY / "samplers" / name
+    assert (folder / "LICENSE").is_file(), f"{folder} needs a LICENSE file"
+    text = (folder / "LICENSE").read_text()
+    assert 'license = { text = "Apache-2.0" }' in (ROOT / "pyproject.toml").read_text()
+    assert front_matter(folder / "README.md")["license"] == "Apache License 2.0"
+    assert "Apache License\n                           Version 2.0, January 2004" in text
+    assert text.startswith("Copyright 2026 optuna-prune contributors\n")

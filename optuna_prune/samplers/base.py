@@ -33,11 +33,11 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.samplers import BaseSampler, RandomSampler
 from optuna.samplers._lazy_random_state import LazyRandomState
 from optuna.storages import BaseStorage, InMemoryStorage, RDBStorage
-from optuna.storages._cached_storage import _CachedStorage
 from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
 
+from optuna_prune.samplers.batched_writes import set_trial_system_attrs, storage_backend
 from optuna_prune.space import METHOD_KEY, STOP_ABOVE_KEY, LayerMaskSpace, SpaceError
 
 _logger = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ class Wait:
     """No proposal yet: these running trials (numbers) of other workers must finish first."""
 
     on: tuple[int, ...]
+    attrs: dict[str, Any] = field(default_factory=dict)  # stored meanwhile (EvoP: the slot it holds)
 
 
 def trial_mask(trial: FrozenTrial, space: LayerMaskSpace) -> tuple[int, ...] | None:
@@ -109,14 +110,6 @@ def _beat(study: Study, trial: FrozenTrial) -> None:
     """
     if is_heartbeat_enabled(study._storage):
         study._storage.record_heartbeat(trial._trial_id)
-
-
-def storage_backend(storage: BaseStorage) -> BaseStorage:
-    """The storage that ``storage`` stands for: optuna wraps RDB storage in a private cache.
-
-    (Only that cache is unwrapped: a journal storage's ``_backend`` is its log file, not a storage.)
-    """
-    return storage._backend if isinstance(storage, _CachedStorage) else storage
 
 
 def _shared(storage: BaseStorage) -> bool:
@@ -285,7 +278,6 @@ class MaskSampler(BaseSampler, abc.ABC):
         storage = study._storage
         try:
             _beat(study, trial)
-            storage.set_trial_system_attr(trial._trial_id, METHOD_KEY, self.method)
             self._check_config(study)
             proposal = self._claim(study, trial, self._preset_mask(trial))
             self._proposals[trial._trial_id] = proposal.dropped
@@ -294,8 +286,11 @@ class MaskSampler(BaseSampler, abc.ABC):
                 _stop(study)
         except BaseException:
             # The trial is already RUNNING: fail it, so an interrupt or a configuration error
-            # leaves no zombie that other workers would wait for.
+            # leaves no zombie that other workers would wait for; tagged, it counts as a failure
+            # of this method.
             with contextlib.suppress(Exception):  # keep the original error
+                self._store(study, trial, {})
+            with contextlib.suppress(Exception):
                 storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
             raise
 
@@ -436,6 +431,11 @@ class MaskSampler(BaseSampler, abc.ABC):
                 return self._space.dropped_from_params(params)
         return None
 
+    def _store(self, study: Study, trial: FrozenTrial, attrs: dict[str, Any]) -> None:
+        """Store ``attrs`` and ``METHOD_KEY`` as trial system attrs in one storage write (on
+        SQLite, each write is a commit that costs more than a cheap objective)."""
+        set_trial_system_attrs(study._storage, trial._trial_id, {METHOD_KEY: self.method, **attrs})
+
     def _stored_proposal(self, study: Study, trial: FrozenTrial) -> tuple[int, ...]:
         attrs = study._storage.get_trial_system_attrs(trial._trial_id)
         if attrs.get(MASK_KEY) is not None:  # None: a claim withdrawn (_claim)
@@ -519,18 +519,20 @@ class MaskSampler(BaseSampler, abc.ABC):
         # Poll without a timeout: a long LLM evaluation elsewhere is normal. Ctrl-C interrupts
         # the sleep; with heartbeats on, trials of dead workers are failed so the wait ends.
         waited_on: tuple[int, ...] | None = None
+        held: dict[str, Any] | None = None  # the attrs stored while waiting
         since = warned = beaten = time.monotonic()
         while True:
             with self._proposing:
                 trials = study._storage.get_all_trials(study._study_id, deepcopy=False)
                 result = self._propose(study, trial, trials, seed)
                 if isinstance(result, Proposal):
-                    # The mask last: a trial with a mask is complete for every sampler's replay.
-                    for key, value in result.attrs.items():
-                        study._storage.set_trial_system_attr(trial._trial_id, key, value)
-                    mask = list(result.dropped)
-                    study._storage.set_trial_system_attr(trial._trial_id, MASK_KEY, mask)
+                    # The mask last (one transaction on RDB storage, else written in this order):
+                    # a trial with a mask is complete for every sampler's replay.
+                    self._store(study, trial, {**result.attrs, MASK_KEY: list(result.dropped)})
                     return result, trials
+                if result.attrs != held:  # tagged while it waits, so other workers count it
+                    self._store(study, trial, result.attrs)
+                    held = result.attrs
             if self._held_here(study, result.on):
                 raise RuntimeError(
                     f"trial {trial.number} ({self.method}) needs the results of trials "

@@ -26,7 +26,6 @@ from optuna.samplers.nsgaii._elite_population_selection_strategy import (
     _crowding_distance_sort,
     _rank_population,
 )
-from optuna.storages import BaseStorage
 from optuna.study import Study, StudyDirection
 from optuna.study._constrained_optimization import _is_constrained_optimization
 from optuna.trial import FrozenTrial, TrialState
@@ -199,7 +198,8 @@ class EvoPSampler(MaskSampler, BaseGASampler):
         size = self._population_size
         assert size is not None
         # A stale trial re-enqueued by RetryHeartbeatStaleTrialCallback keeps its generation.
-        retried = trial.system_attrs.get(self._get_generation_key()) if seed is not None else None
+        generation_key = self._get_generation_key()
+        retried = trial.system_attrs.get(generation_key) if seed is not None else None
         for _attempt in range(3):
             attrs = dict(storage.get_study_system_attrs(study._study_id))
             members = self._members(trials, exclude=trial.number)
@@ -215,23 +215,22 @@ class EvoPSampler(MaskSampler, BaseGASampler):
                 if seed is not None:
                     parents = []  # a seed needs none; a threshold from fewer values stays safe
                 elif self._wait_for_generation and not self._held_here(study, parents.on):
-                    self._set_generation(storage, trial, generation)  # hold the slot meanwhile
-                    return parents
+                    return Wait(parents.on, {generation_key: generation})  # holds the slot meanwhile
                 else:
                     generation = g_open
                     parents = self._parents(study, generation, members, trials, attrs)
                     assert not isinstance(parents, Wait)
-            self._set_generation(storage, trial, generation)
             if seed is None and len(members[generation]) == size - 1:
                 # Took the last slot: if a concurrent worker took it too, the higher trial
                 # number yields and moves on to the next generation.
+                self._store(study, trial, {generation_key: generation})
                 trials = storage.get_all_trials(study._study_id, deepcopy=False)
                 rivals = self._members(trials, exclude=trial.number)[generation]
                 if sum(t.number < trial.number for t in rivals) >= size:
                     continue
             break
 
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {generation_key: generation}  # stored with the proposal
         threshold = self._threshold(study, parents, members[generation])
         if threshold is not None:
             extra[STOP_ABOVE_KEY] = threshold
@@ -251,7 +250,9 @@ class EvoPSampler(MaskSampler, BaseGASampler):
         if dropped is None:
             dropped = self._random_unseen(rng, seen)
         if dropped is None:  # every valid mask is in the study
-            return self._surplus(self._space.from_array(self._space.random_mask(rng)))
+            surplus = self._surplus(self._space.from_array(self._space.random_mask(rng)))
+            surplus.attrs[generation_key] = generation
+            return surplus
         return Proposal(dropped, {**extra, ORIGIN_KEY: origin})
 
     def _offspring(
@@ -304,9 +305,6 @@ class EvoPSampler(MaskSampler, BaseGASampler):
         while self._parent_key(generation + 1) in study_attrs:
             generation += 1
         return generation
-
-    def _set_generation(self, storage: BaseStorage, trial: FrozenTrial, generation: int) -> None:
-        storage.set_trial_system_attr(trial._trial_id, self._get_generation_key(), generation)
 
     def _parents(
         self,
