@@ -169,7 +169,8 @@ def test_old_records_load_into_the_method_options() -> None:
 
 
 def test_a_study_recorded_by_the_old_config_resumes(tiny_checkpoint, tmp_path) -> None:
-    from optuna_prune.study import method_trials
+    from optuna_prune.samplers import LevelSwitchSampler
+    from optuna_prune.study import config_of, method_trials
     from optuna_prune.worker import create_study, run_worker
 
     storage = f"sqlite:///{tmp_path / 'old.db'}"
@@ -177,5 +178,8 @@ def test_a_study_recorded_by_the_old_config_resumes(tiny_checkpoint, tmp_path) -
     study = create_study(from_record(record, origin="old study"))
     study.set_user_attr("config", record)  # as the old code left it
     study = run_worker(storage, "old", n_trials=2)
+    assert config_of(study).options == LevelSwitchOptions(fidelity=[1], population=4)
+    stored = study._storage.get_study_system_attrs(study._study_id)[LevelSwitchSampler.config_key()]
+    assert stored["population_size"] == 4  # the recorded lambda
     assert len(method_trials(study, "levelswitch", (optuna.trial.TrialState.COMPLETE,))) == 2
     assert study.user_attrs["config"] == record  # a worker leaves the record alone
