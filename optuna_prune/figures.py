@@ -25,7 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from optuna_prune.methods import METHODS
+from optuna_prune.methods import METHODS as REGISTERED
 from optuna_prune.samplers import EvoPSampler, trial_loss, trial_mask
 from optuna_prune.space import METHOD_KEY, LayerMaskSpace, SubBlockSpace
 from optuna_prune.study import PROBLEM_ATTR, StudyMismatchError, best_by_method
@@ -35,7 +35,7 @@ METHODS = (
 )
 """Known methods, in the order figures list them (others follow alphabetically)."""
 GENERATION_KEY = EvoPSampler._get_generation_key()
-GENERATION_FIGURE = frozenset(m.name for m in METHODS.values() if m.generations_figure)
+GENERATION_FIGURE = frozenset(m.name for m in REGISTERED.values() if m.generations_figure)
 """The methods whose generations the layer-drop figure shows (one method's, so they do not mix)."""
 CAPTION_KEY = "caption"
 """``fig.layout.meta[CAPTION_KEY]``: a caption that says what this study's figure shows (the report
