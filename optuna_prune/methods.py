@@ -216,7 +216,8 @@ class DarwinOptions(MethodOptions):
     def check(self, cfg: SearchConfig) -> None:
         if self.fidelity:
             _check_fidelity(self.fidelity, cfg)
-        from optuna_prune.darwin import stage_schedule  # its schedule sits with the training (torch)
+        # the schedule sits with the training, on the model side (torch)
+        from optuna_prune.darwin import stage_schedule
 
         try:
             stage_schedule(self.train_tokens, cfg.seq_len, cfg.n_samples, self.fidelity)
@@ -309,7 +310,7 @@ def _darwin_inputs(cfg: SearchConfig, calibration: Any, tokenizer: Any) -> Any:
 
 
 def _shortgpt_mask(study: optuna.Study, influence: Sequence[float] | None, num_drop: int) -> tuple[int, ...]:
-    from optuna_prune.importance import lowest  # importance ranks the dense pass's hidden states (torch)
+    from optuna_prune.importance import lowest  # model side (torch)
 
     assert influence is not None
     return lowest(influence, num_drop)
@@ -528,18 +529,23 @@ def seeders() -> tuple[str, ...]:
     return tuple(m.name for m in METHODS.values() if m.seed is not None)
 
 
-def seed_methods(cfg: SearchConfig) -> list[Method]:
-    """The methods whose masks ``cfg``'s search is seeded with, its own one mask first: those from
-    the dense pass, then those read from the study (the order they are enqueued in)."""
+def seed_methods(cfg: SearchConfig) -> list[tuple[str, Method]]:
+    """The masks ``cfg``'s search is seeded with, in the order they are enqueued, each as its origin
+    and the method that gives it: the method's own one mask (origin NAME) first, then ``seed_with``
+    (origin ``seed:NAME``), those from the dense pass before those read from the study."""
     method = METHODS[cfg.sampler]
-    chosen = [method] if method.one_mask else []
-    chosen += [METHODS[n] for n in cfg.seed_with if METHODS[n] not in chosen]
-    return sorted(chosen, key=lambda m: (m is not method, not m.needs_influence))
+    own = [(method.name, method)] if method.one_mask else []
+    others = [METHODS[n] for n in cfg.seed_with if not (method.one_mask and n == method.name)]
+    return own + [(f"seed:{m.name}", m) for m in sorted(others, key=lambda m: not m.needs_influence)]
 
 
-def needs_finished_run(cfg: SearchConfig) -> list[Method]:
-    """The ``seed_with`` methods whose seed is their own finished run in the same study."""
-    return [METHODS[n] for n in cfg.seed_with if METHODS[n].seed_needs_run]
+def missing_run(cfg: SearchConfig, study: optuna.Study | None) -> Method | None:
+    """The first ``seed_with`` method whose seed is its own finished run, which ``study`` (None: a
+    new study) does not have; None when every seed can be had."""
+    for method in (METHODS[n] for n in cfg.seed_with):
+        if method.seed_needs_run and (study is None or method.seed(study, None, 0) is None):
+            return method
+    return None
 
 
 def missing_run_error(method: Method, study: str | None = None) -> ConfigError:

@@ -43,7 +43,7 @@ from optuna_prune.heartbeat import (
     grace_of,
     stale_reason,
 )
-from optuna_prune.methods import missing_run_error, needs_finished_run, seed_methods, space_of
+from optuna_prune.methods import missing_run, missing_run_error, seed_methods, space_of
 from optuna_prune.samplers import trial_mask
 from optuna_prune.samplers.base import storage_backend
 from optuna_prune.space import (
@@ -333,9 +333,8 @@ def check_resume(cfg: SearchConfig, study: optuna.Study, sampler: optuna.sampler
     check = getattr(sampler, "check_resume", None)
     if check is not None:
         check(study)
-    for method in needs_finished_run(cfg):
-        if method.seed(study, None, 0) is None:
-            raise missing_run_error(method, study.study_name)
+    if (missing := missing_run(cfg, study)) is not None:
+        raise missing_run_error(missing, study.study_name)
 
 
 def method_trials(study: optuna.Study, method: str, states: tuple[TrialState, ...] | None = None) -> list[optuna.trial.FrozenTrial]:
@@ -780,9 +779,8 @@ def precheck(cfg: SearchConfig, storage: optuna.storages.BaseStorage | None, new
         names = {s.study_name for s in optuna.get_all_study_summaries(storage)}
         name = name if name in names else None
     if name is None:  # a new study, unless the derived name finds one once the model is loaded
-        missing = needs_finished_run(cfg)
-        if missing and (new_study or cfg.study is not None):
-            raise missing_run_error(missing[0])
+        if (new_study or cfg.study is not None) and (missing := missing_run(cfg, None)) is not None:
+            raise missing_run_error(missing)
         return
     study = optuna.load_study(study_name=name, storage=storage)
     stored = require_problem(study, fix="use another --study name")
@@ -863,8 +861,8 @@ def prepare(cfg: SearchConfig, new_study: bool = False, record_config: bool = Tr
             existing = optuna.load_study(study_name=name, storage=storage)
             check_problem(existing, problem)
             check_resume(cfg, existing, sampler)  # before opening it fails orphaned trials
-        elif needs_finished_run(cfg):
-            raise missing_run_error(needs_finished_run(cfg)[0])
+        elif (missing := missing_run(cfg, None)) is not None:
+            raise missing_run_error(missing)
         study, created = _open_or_create(storage, name, problem, ["minimize"] * n_objectives, sampler, new_study, pruner)
         if not created:
             check_resume(cfg, study, sampler)  # a process started with this one may have made it
@@ -948,17 +946,17 @@ def _set_up(
 
     seeders = seed_methods(cfg)
     influence = None
-    if any(m.needs_influence for m in seeders):
-        from optuna_prune.importance import block_influence  # ranks the dense pass's hidden states (torch)
+    if any(m.needs_influence for _, m in seeders):
+        from optuna_prune.importance import block_influence  # model side (torch)
 
         influence = block_influence(fitness)
         study.set_user_attr("block_influence", [round(v, 6) for v in influence])
     seeds: dict[str, tuple[int, ...]] = {}
-    for seeder in seeders:
+    for origin, seeder in seeders:
         found = seeder.seed(study, influence, space.num_drop)
         if found is None:
             raise missing_run_error(seeder)
-        seeds[seeder.name if seeder is method else f"seed:{seeder.name}"] = found
+        seeds[origin] = found
     own = {trial_mask(t, space) for t in method_trials(study, cfg.sampler)}
     waiting = {trial_mask(t, space) for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
     for origin, dropped in seeds.items():

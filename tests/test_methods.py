@@ -18,6 +18,7 @@ from optuna_prune.methods import (
     LevelSwitchOptions,
     MethodOptions,
     SLEBOptions,
+    seed_methods,
 )
 from optuna_prune.study import default_budget, make_pruner, make_sampler, make_space
 
@@ -183,3 +184,12 @@ def test_a_study_recorded_by_the_old_config_resumes(tiny_checkpoint, tmp_path) -
     assert stored["population_size"] == 4  # the recorded lambda
     assert len(method_trials(study, "levelswitch", (optuna.trial.TrialState.COMPLETE,))) == 2
     assert study.user_attrs["config"] == record  # a worker leaves the record alone
+
+
+def test_seeds_are_enqueued_in_the_order_they_always_were() -> None:
+    """The method's own mask, then the dense pass's seeds (ShortGPT), then the study's (SLEB)."""
+    order = lambda cfg: [origin for origin, _ in seed_methods(cfg)]  # noqa: E731
+    assert order(tiny("evop", seed_with=["sleb", "shortgpt"])) == ["seed:shortgpt", "seed:sleb"]
+    assert order(tiny("shortgpt", seed_with=["sleb", "shortgpt"])) == ["shortgpt", "seed:sleb"]
+    assert order(tiny("sleb", seed_with=["sleb"])) == ["seed:sleb"]
+    assert order(tiny("random")) == []
