@@ -81,7 +81,7 @@ class SearchConfig:
     heartbeat: int = 20
     options: MethodOptions = field(default_factory=MethodOptions)
 
-    def __init__(self, options: MethodOptions | None = None, **values: Any) -> None:
+    def __init__(self, *, options: MethodOptions | None = None, **values: Any) -> None:
         unknown = sorted(set(values) - COMMON_KEYS - set(option_types()))
         if unknown:
             raise TypeError(f"SearchConfig got unexpected keyword arguments {unknown}")
