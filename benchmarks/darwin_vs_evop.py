@@ -51,12 +51,13 @@ def main() -> None:
     tag = time.strftime("%m%d%H%M%S")
     base = SearchConfig(
         model="smollm2-135m", sparsity=args.sparsity, calibration="c4", data_dir=args.data_dir, n_samples=4,
-        seq_len=256, storage=args.storage, lr=args.lr, train_loss=args.loss,
+        seq_len=256, storage=args.storage,
     )
     runs = {
         "evop": base.replace(sampler="evop", n_trials=args.evop_trials, study=f"dve-{tag}-evop"),
         "darwin": base.replace(sampler="darwin", n_trials=args.darwin_trials, train_tokens=args.train_tokens,
-                               survivors=args.survivors, study=f"dve-{tag}-darwin"),
+                               survivors=args.survivors, lr=args.lr, train_loss=args.loss,
+                               study=f"dve-{tag}-darwin"),
     }
     settings = TrainSettings(loss=args.loss, lr=args.lr)
     results = {}

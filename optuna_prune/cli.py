@@ -14,12 +14,13 @@ from typing import Any
 
 from optuna_prune.config import (
     DEFAULT_STORAGE,
-    SAMPLERS,
     ConfigError,
     SearchConfig,
     from_dict,
+    known_keys,
     load_config,
 )
+from optuna_prune.methods import METHODS, SPACES, option_help, option_types, seeders
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -66,7 +67,8 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
                    "whole layers: the search says how many it drops)")
     p.add_argument("--drop", type=int, help="number of decoder layers (sub-blocks with --space sublayers) to drop, "
                    "exactly (instead of --sparsity)")
-    p.add_argument("--sampler", choices=SAMPLERS)
+    p.add_argument("--sampler", choices=tuple(METHODS), help="search method (default evop): " + "; ".join(
+        f"{m.name}: {m.help}" for m in METHODS.values()))
     p.add_argument("--fitness", choices=("perplexity", "kl"))
     p.add_argument("--calibration", help="wikitext2, c4, ptb, pydoc, or a .txt/.jsonl/.parquet file or folder")
     p.add_argument("--data-dir", help="offline copies of wikitext2/c4 (layout of ../shared/data)")
@@ -79,24 +81,12 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, help="stop after this many seconds (> 0; default: no limit)")
     p.add_argument("--storage", help=STORAGE_HELP)
     p.add_argument("--study", help="study name (default: derived from model, k and calibration)")
-    p.add_argument("--population", type=int, help="EvoP population size (levelswitch: offspring per round)")
-    p.add_argument("--fidelity", help="multi-fidelity selection (evop, levelswitch, sleb): comma list of "
-                   "calibration sample counts after which a candidate is ranked in its generation (sleb: its "
-                   "greedy step), e.g. 1,2; none: off (default: doubling counts below --n-samples; sleb: off)")
-    p.add_argument("--fidelity-keep", type=float, help="fraction of a generation kept at each fidelity stage (0.5)")
-    p.add_argument("--train-tokens", help="darwin: comma list of training tokens per stage, e.g. 10000,50000,100000,200000")
-    p.add_argument("--survivors", help="darwin: candidates entering each stage, then 1, e.g. 16,8,4,2,1")
-    p.add_argument("--train-loss", choices=("kl", "lm"), help="darwin: distil the dense model (kl) or LM loss")
-    p.add_argument("--lr", type=float, help="darwin: AdamW learning rate of the candidates' fine-tune (1e-5)")
-    p.add_argument("--lora", type=int, help="darwin: LoRA rank of the fine-tune (0: train the kept layers; needs peft)")
-    p.add_argument("--seed-with", help="comma list: sleb,shortgpt masks seeded into EvoP's generation 0")
-    p.add_argument("--llm", help="selfpruner's LLM: local:<model> (default local:smollm2-135m) or an "
-                   "OpenAI-compatible endpoint such as http://127.0.0.1:8000/v1")
-    p.add_argument("--llm-model", help="model name served by the --llm endpoint")
-    p.add_argument("--llm-timeout", type=float, help="seconds per LLM request (default 60)")
-    p.add_argument("--space", choices=("layers", "sublayers", "rates"), help="layers: drop decoder layers "
-                   "(default); sublayers: drop attention and MLP blocks separately (--sparsity of the 2L blocks); "
-                   "rates (selfpruner): per-layer MLP width-pruning rates with mean --sparsity")
+    _add_option_flags(p)
+    p.add_argument("--seed-with", help=f"comma list: masks of {', '.join(seeders())} seeded into the search's first "
+                   "generation")
+    p.add_argument("--space", choices=tuple(SPACES), help="; ".join(
+        f"{s.name} ({', '.join(m.name for m in METHODS.values() if s.name in m.spaces)}): {s.help}"
+        for s in SPACES.values()))
     p.add_argument("--rate-resolution", type=int, help="rates in steps of 1/N of a layer's MLP width (16)")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: CUDA when present)")
     p.add_argument("--dtype", help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")
@@ -105,6 +95,17 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heartbeat", type=int, help="seconds between worker heartbeats (stale after 3x)")
     p.add_argument("--new-study", action="store_true", help="start a new study instead of resuming")
     p.add_argument("--no-progress", action="store_true")
+
+
+def _add_option_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per method option (``population`` -> ``--population``), its help from the methods that have it."""
+    for key, type_name in option_types().items():
+        flag = "--" + key.replace("_", "-")
+        if type_name.startswith("bool"):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=option_help(key))
+        else:
+            kind = int if type_name.startswith("int") else float if type_name.startswith("float") else str
+            p.add_argument(flag, type=kind, help=option_help(key))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,7 +217,7 @@ def search_config(args: argparse.Namespace) -> SearchConfig:
     """Merge a TOML config (if any) with the flags that were given."""
     flags: dict[str, Any] = {
         name: getattr(args, name)
-        for name in SearchConfig.__dataclass_fields__
+        for name in known_keys()
         if getattr(args, name, None) is not None
     }
     if args.config:

@@ -12,32 +12,44 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from optuna_prune.errors import ConfigError
+from optuna_prune.methods import (
+    METHODS,
+    Method,
+    MethodOptions,
+    check_pairing,
+    method_of,
+    option_types,
+    owners,
+    seeders,
+    space_of,
+)
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
 
-class ConfigError(ValueError):
-    """A configuration value is missing, malformed or out of range."""
-
-
-SAMPLERS = ("evop", "levelswitch", "darwin", "sleb", "shortgpt", "random", "tpe", "exhaustive", "selfpruner")
-SPACES = ("layers", "sublayers", "rates")
-SUB_BLOCK_SAMPLERS = ("evop", "levelswitch", "sleb", "random", "tpe", "exhaustive")
+SAMPLERS = tuple(METHODS)
 FITNESS_NAMES = ("perplexity", "kl")
 OBJECTIVE_MODES = ("mean", "worst", "clusters")
 INVALID_MASK_POLICIES = ("repair", "reject")
 DEFAULT_STORAGE = "sqlite:///runs/optuna_prune.db"
 """Where every command and every config in studies/ keep their studies unless given a storage."""
-# Samplers that rank candidates by one loss: objective_mode "clusters" (several objectives) is refused.
-SINGLE_OBJECTIVE_SAMPLERS = ("levelswitch", "darwin", "sleb", "selfpruner")
 MAX_STUDY_NAME = 512  # RDB storages index study names of up to 512 characters
 
 
-@dataclass
+@dataclass(init=False)
 class SearchConfig:
-    """A layer-drop search. Exactly one of ``sparsity`` (fraction of layers) or ``drop`` (count)."""
+    """A layer-drop search. Exactly one of ``sparsity`` (fraction of layers) or ``drop`` (count).
+
+    The fields are what every search has; ``options`` holds the method's own (a dataclass of
+    :mod:`optuna_prune.methods`, e.g. ``EvoPOptions``). Keywords, TOML keys and CLI flags stay flat:
+    ``SearchConfig(sampler="evop", population=20)`` routes ``population`` to ``options``, and reads
+    such as ``cfg.population`` reach it too. A key of another method is ignored, as it always was;
+    :meth:`replace` to another sampler carries over the options both methods have.
+    """
 
     model: str = "smollm2-135m"
     sparsity: float | None = None
@@ -55,30 +67,11 @@ class SearchConfig:
     timeout: float | None = None
     storage: str | None = None
     study: str | None = None
-    population: int | None = None
-    # Multi-fidelity selection (evop, levelswitch; sleb when set): calibration samples after which a candidate
-    # is ranked in its generation (SLEB: its greedy step); None: doubling counts below n_samples for evop and
-    # levelswitch (pruners.default_stages), off for sleb; [] ("none"): off.
-    fidelity: list[int] | None = None
-    fidelity_keep: float = 0.5
-    # darwin (training-aware selection): training tokens per stage, candidates entering each stage
-    # (one more entry, ending at 1), the fine-tune's loss, learning rate and LoRA rank (0: full).
-    train_tokens: list[int] = field(default_factory=lambda: [10_000, 50_000, 100_000, 200_000])
-    survivors: list[int] = field(default_factory=lambda: [16, 8, 4, 2, 1])
-    train_loss: str = "kl"
-    lr: float = 1e-5
-    lora: int = 0
-    # selfpruner: the LLM that breeds candidates (local:<model> or an OpenAI-compatible http(s)://.../v1
-    # endpoint), the served model name and the request timeout (s).
-    llm: str = "local:smollm2-135m"
-    llm_model: str | None = None
-    llm_timeout: float = 60.0
     # "layers": drop whole decoder layers; "sublayers": drop attention and MLP blocks separately (the
     # sparsity counts the 2L blocks); "rates" (selfpruner): per-layer MLP width-pruning rates in
     # steps of 1/rate_resolution whose mean is the sparsity.
     space: str = "layers"
     rate_resolution: int = 16
-    protect_ends: bool = True
     invalid_masks: str = "repair"
     seed_with: list[str] = field(default_factory=list)
     device: str | None = None
@@ -86,9 +79,35 @@ class SearchConfig:
     batch_size: int = 1
     cache_mb: int = 1024
     heartbeat: int = 20
+    options: MethodOptions = field(default_factory=MethodOptions)
 
-    def __post_init__(self) -> None:
+    def __init__(self, *, options: MethodOptions | None = None, **values: Any) -> None:
+        unknown = sorted(set(values) - COMMON_KEYS - set(option_types()))
+        if unknown:
+            raise TypeError(f"SearchConfig got unexpected keyword arguments {unknown}")
+        for f in fields(self):
+            if f.name != "options":
+                default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                setattr(self, f.name, values.pop(f.name, default))
+        method = METHODS.get(self.sampler)  # an unknown one is named by validate, in its turn
+        self.options = method.options_from(options, values) if method else MethodOptions()
         self.validate()
+
+    def __getattr__(self, name: str) -> Any:
+        """A method option read flat (``cfg.population``), as before options had their own class."""
+        options = self.__dict__.get("options")
+        if options is not None and name in {f.name for f in fields(options)}:
+            return getattr(options, name)
+        if name in option_types():
+            raise AttributeError(
+                f"{name} is an option of {', '.join(owners(name))}, not of sampler {self.__dict__.get('sampler')}"
+            )
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in option_types() and name not in COMMON_KEYS:
+            raise AttributeError(f"{name} is a method option: use cfg.replace({name}=...)")
+        super().__setattr__(name, value)
 
     def validate(self) -> None:
         """Raise ConfigError naming the bad value and the fix."""
@@ -98,18 +117,12 @@ class SearchConfig:
             raise ConfigError(f"sparsity {self.sparsity} is out of range; use a fraction in (0, 1), e.g. 0.2")
         if self.drop is not None and self.drop < 1:
             raise ConfigError(f"drop {self.drop} must be at least 1 layer")
-        _choice("sampler", self.sampler, SAMPLERS)
+        method_of(self.sampler)
         _choice("fitness", self.fitness, FITNESS_NAMES)
         _choice("objective_mode", self.objective_mode, OBJECTIVE_MODES)
-        if self.objective_mode == "clusters" and self.sampler in SINGLE_OBJECTIVE_SAMPLERS:
-            raise ConfigError(
-                f"sampler {self.sampler} keeps one loss per candidate; objective_mode 'clusters' (one objective "
-                f"per cluster) works with {', '.join(s for s in SAMPLERS if s not in SINGLE_OBJECTIVE_SAMPLERS)}: "
-                "use --objective-mode mean or worst, or another --sampler"
-            )
         _choice("invalid_masks", self.invalid_masks, INVALID_MASK_POLICIES)
         for name in self.seed_with:
-            _choice("seed_with", name, ("sleb", "shortgpt"))
+            _choice("seed_with", name, seeders())
         if self.n_samples < 1 or self.seq_len < 2:
             raise ConfigError(f"calibration needs n_samples >= 1 and seq_len >= 2 (got {self.n_samples} x {self.seq_len})")
         if self.ccds_clusters < 0:
@@ -132,23 +145,10 @@ class SearchConfig:
                 f"study name of {len(self.study)} characters is {'empty' if not self.study.strip() else 'too long'}; "
                 f"pass a --study name of 1 to {MAX_STUDY_NAME} characters"
             )
-        if self.population is not None and self.population < 2:
-            raise ConfigError(f"population {self.population} must be >= 2")
-        if self.fidelity:
-            self._validate_fidelity()
-        if not 0 < self.fidelity_keep <= 1:
-            raise ConfigError(f"fidelity_keep {self.fidelity_keep} must be a fraction in (0, 1], e.g. 0.5")
-        if self.sampler == "darwin":
-            self._validate_darwin()
-        _choice("space", self.space, SPACES)
-        if self.space == "sublayers" and (self.sampler not in SUB_BLOCK_SAMPLERS or "shortgpt" in self.seed_with):
-            raise ConfigError(
-                f"space = sublayers works with the samplers {', '.join(SUB_BLOCK_SAMPLERS)} and seed_with sleb; "
-                f"not with {self.sampler if self.sampler not in SUB_BLOCK_SAMPLERS else 'seed_with shortgpt'}, "
-                "which score or train whole layers"
-            )
-        if self.sampler == "selfpruner" or self.space == "rates":
-            self._validate_selfpruner()
+        space = space_of(self.space)
+        check_pairing(self)
+        self.options.check(self)
+        space.check(self)
         if not 1 <= self.heartbeat <= 3600:
             raise ConfigError(f"heartbeat {self.heartbeat} is out of range; use 1 to 3600 seconds (default 20)")
         if self.batch_size < 1 or self.cache_mb < 0:
@@ -163,77 +163,31 @@ class SearchConfig:
             except DeviceError as exc:
                 raise ConfigError(str(exc)) from None
 
-    def _validate_selfpruner(self) -> None:
-        from optuna_prune.llm import make_llm
-
-        try:  # builds a client: nothing is contacted or loaded
-            make_llm(self.llm, self.llm_model, self.llm_timeout)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        if self.space == "layers":
-            return
-        if self.sampler != "selfpruner" or self.drop is not None:
-            raise ConfigError("space = rates needs sampler selfpruner and a --sparsity (mean MLP width pruned)")
-        if self.fitness != "perplexity" or self.fidelity or self.seed_with:
-            raise ConfigError("space = rates supports fitness perplexity only, without fidelity or seed_with")
-        if not 2 <= self.rate_resolution <= 1024:
-            raise ConfigError(f"rate_resolution {self.rate_resolution} is out of range; use 2 to 1024 (rates in steps of 1/N)")
+    @property
+    def method(self) -> Method:
+        """The registered method this config searches with."""
+        return METHODS[self.sampler]
 
     def fidelity_stages(self) -> tuple[int, ...]:
-        """The multi-fidelity stages this search uses: ``fidelity``, or by default doubling counts
-        (evop and levelswitch with one mean-loss objective; measured in benchmarks/multifidelity.py)."""
-        from optuna_prune.pruners import default_stages
-
-        if self.fidelity is not None:
-            return tuple(self.fidelity)
-        if self.sampler in ("evop", "levelswitch") and self.objective_mode == "mean":
-            return default_stages(self.n_samples)
-        return ()
-
-    def _validate_fidelity(self) -> None:
-        from optuna_prune.pruners import check_stages
-
-        try:
-            check_stages(self.fidelity, self.n_samples)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        if self.objective_mode != "mean":
-            raise ConfigError(
-                f"fidelity stages rank running mean losses; objective_mode {self.objective_mode!r} "
-                "needs fidelity = \"none\""
-            )
-
-    def _validate_darwin(self) -> None:
-        from optuna_prune.darwin import stage_schedule
-        from optuna_prune.samplers.darwin import check_survivors
-        from optuna_prune.training import TRAIN_LOSSES
-
-        _choice("train_loss", self.train_loss, TRAIN_LOSSES)
-        try:
-            check_survivors(self.survivors)
-            stage_schedule(self.train_tokens, self.seq_len, self.n_samples, self.fidelity)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        if len(self.survivors) != len(self.train_tokens) + 1:
-            raise ConfigError(
-                f"survivors {self.survivors} need one entry more than train_tokens {self.train_tokens} "
-                "(the candidates entering each stage, then the 1 parent), e.g. 16,8,4,2,1 for 4 stages"
-            )
-        if self.population is not None and self.population != self.survivors[0]:
-            raise ConfigError(
-                f"darwin takes its offspring per round from survivors[0] = {self.survivors[0]}; "
-                f"drop --population {self.population} or change --survivors"
-            )
-        if self.objective_mode != "mean":
-            raise ConfigError(f"darwin ranks one loss per candidate; objective_mode {self.objective_mode!r} needs mean")
-        if not self.lr > 0 or self.lora < 0:
-            raise ConfigError(f"lr {self.lr} must be > 0 and lora {self.lora} >= 0 (0: no LoRA)")
+        """The multi-fidelity stages this search's pruner uses (the method's options decide)."""
+        return self.options.pruner_stages(self)
 
     def replace(self, **changes: Any) -> SearchConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        """Flat plain values, as a study records them (and as TOML spells them)."""
+        flat = dataclasses.asdict(self)
+        flat.update(flat.pop("options"))
+        return {k: v for k, v in flat.items() if v is not None}
+
+
+COMMON_KEYS = frozenset(f.name for f in fields(SearchConfig)) - {"options"}
+
+
+def known_keys() -> dict[str, str]:
+    """Every flat key a config takes (common fields and every method's options) and its type name."""
+    return {**{f.name: str(f.type) for f in fields(SearchConfig) if f.name != "options"}, **option_types()}
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -260,8 +214,8 @@ def load_config(path: str | Path, **overrides: Any) -> SearchConfig:
     data = data.get("search", data)
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: [search] must be a table")
-    known = {f.name for f in fields(SearchConfig)}
-    unknown = sorted(set(data) - known)
+    known = known_keys()
+    unknown = sorted(set(data) - set(known))
     if unknown:
         raise ConfigError(f"config file {path}: unknown keys {unknown}; known keys: {sorted(known)}")
     data.update({k: v for k, v in overrides.items() if v is not None})
@@ -270,7 +224,7 @@ def load_config(path: str | Path, **overrides: Any) -> SearchConfig:
 
 def from_dict(data: dict[str, Any], origin: str = "config") -> SearchConfig:
     """Build a SearchConfig from plain values, turning type errors into ConfigError."""
-    types = {f.name: f.type for f in fields(SearchConfig)}
+    types = known_keys()
     clean: dict[str, Any] = {}
     for key, value in data.items():
         if key not in types:
@@ -307,3 +261,13 @@ def _coerce(key: str, value: Any, type_name: str, origin: str) -> Any:
         return value
     except (TypeError, ValueError):
         raise ConfigError(f"{origin}: {key} = {value!r} is not a valid {type_name}") from None
+
+
+def from_record(data: dict[str, Any], origin: str) -> SearchConfig:
+    """A config as a study recorded it (:meth:`SearchConfig.to_dict`), by this version or an older one.
+
+    Records are flat; older ones hold every method's options, of which the study's method takes its
+    own. Keys this version no longer knows are dropped, so an old study still resumes.
+    """
+    known = known_keys()
+    return from_dict({k: v for k, v in data.items() if k in known}, origin=origin)

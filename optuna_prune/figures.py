@@ -25,6 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
+from optuna_prune.methods import METHODS as REGISTERED
 from optuna_prune.samplers import EvoPSampler, trial_loss, trial_mask
 from optuna_prune.space import METHOD_KEY, LayerMaskSpace, SubBlockSpace
 from optuna_prune.study import PROBLEM_ATTR, StudyMismatchError, best_by_method
@@ -34,6 +35,8 @@ METHODS = (
 )
 """Known methods, in the order figures list them (others follow alphabetically)."""
 GENERATION_KEY = EvoPSampler._get_generation_key()
+GENERATION_FIGURE = frozenset(m.name for m in REGISTERED.values() if m.generations_figure)
+"""The methods whose generations the layer-drop figure shows (one method's, so they do not mix)."""
 CAPTION_KEY = "caption"
 """``fig.layout.meta[CAPTION_KEY]``: a caption that says what this study's figure shows (the report
 prints it under the heading), for figures whose panels depend on the study."""
@@ -210,7 +213,7 @@ def layer_drop_heatmap(study: optuna.Study) -> go.Figure:
                 continue
             if t.state == TrialState.COMPLETE:
                 rows.setdefault(method, []).append(dropped)
-            if method == "evop" and GENERATION_KEY in t.system_attrs:
+            if method in GENERATION_FIGURE and GENERATION_KEY in t.system_attrs:
                 generations.setdefault(int(t.system_attrs[GENERATION_KEY]), []).append(dropped)
     n_panels = 2 if generations else 1
     fig = make_subplots(

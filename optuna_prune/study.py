@@ -7,7 +7,6 @@ the same command resumes: finished trials are kept, the evolution continues from
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -44,14 +43,13 @@ from optuna_prune.heartbeat import (
     grace_of,
     stale_reason,
 )
-from optuna_prune.samplers import sleb_result, trial_mask
+from optuna_prune.methods import missing_run, missing_run_error, seed_methods, space_of
+from optuna_prune.samplers import trial_mask
 from optuna_prune.samplers.base import storage_backend
 from optuna_prune.space import (
     METHOD_KEY,
     LayerMaskSpace,
     SpaceError,
-    SubBlockSpace,
-    resolve_num_drop,
 )
 
 _logger = logging.getLogger(__name__)
@@ -335,10 +333,8 @@ def check_resume(cfg: SearchConfig, study: optuna.Study, sampler: optuna.sampler
     check = getattr(sampler, "check_resume", None)
     if check is not None:
         check(study)
-    if "sleb" in cfg.seed_with and sleb_result(study) is None:
-        raise ConfigError(
-            f"seed_with sleb needs a finished SLEB run in study {study.study_name!r}: run --sampler sleb first"
-        )
+    if (missing := missing_run(cfg, study)) is not None:
+        raise missing_run_error(missing, study.study_name)
 
 
 def method_trials(study: optuna.Study, method: str, states: tuple[TrialState, ...] | None = None) -> list[optuna.trial.FrozenTrial]:
@@ -724,87 +720,29 @@ class SearchSetup:
 
 def make_space(cfg: SearchConfig, num_layers: int) -> LayerMaskSpace:
     """The candidates a config searches: exact-k layer or sub-block masks, or per-layer width rates."""
-    if cfg.space == "rates":
-        from optuna_prune.rate_space import RateSpace
-
-        return RateSpace.for_sparsity(num_layers, cfg.sparsity, resolution=cfg.rate_resolution)
-    if cfg.space == "sublayers":
-        return SubBlockSpace(num_layers, resolve_num_drop(2 * num_layers, cfg.sparsity, cfg.drop))
-    return LayerMaskSpace(num_layers, resolve_num_drop(num_layers, cfg.sparsity, cfg.drop))
+    return space_of(cfg.space).build(cfg, num_layers)
 
 
 def make_sampler(cfg: SearchConfig, space: LayerMaskSpace, n_objectives: int = 1) -> optuna.samplers.BaseSampler:
     """The sampler a config names (search side only: no model needed)."""
-    from optuna_prune.samplers import (
-        EvoPSampler,
-        ExhaustiveMaskSampler,
-        LevelSwitchSampler,
-        RandomMaskSampler,
-        SLEBSampler,
-    )
-
-    if cfg.sampler == "evop":
-        return EvoPSampler(space, population_size=cfg.population, seed=cfg.seed)
-    if cfg.sampler == "levelswitch":
-        if n_objectives > 1:
-            raise ConfigError("levelswitch keeps one parent: use objective_mode mean or worst")
-        return LevelSwitchSampler(space, offspring=cfg.population or 16, seed=cfg.seed)
-    if cfg.sampler == "darwin":
-        from optuna_prune.samplers.darwin import DarwinSampler
-
-        if n_objectives > 1:
-            raise ConfigError("darwin keeps one parent: use objective_mode mean")
-        schedule = {k: getattr(cfg, k) for k in ("train_tokens", "train_loss", "lr", "lora", "fidelity", "seq_len")}
-        return DarwinSampler(space, survivors=cfg.survivors, seed=cfg.seed, schedule=schedule)
-    if cfg.sampler == "random":
-        return RandomMaskSampler(space, seed=cfg.seed)
-    if cfg.sampler == "exhaustive":
-        return ExhaustiveMaskSampler(space)
-    if cfg.sampler == "sleb":
-        if n_objectives > 1:
-            raise ConfigError("SLEB is single-objective; use objective_mode mean or worst")
-        return SLEBSampler(space, protect_ends=cfg.protect_ends)
-    if cfg.sampler == "selfpruner":
-        from optuna_prune.llm import make_llm
-        from optuna_prune.samplers import SelfPrunerSampler
-
-        if n_objectives > 1:
-            raise ConfigError("selfpruner shows the LLM one loss per candidate: use objective_mode mean or worst")
-        llm = make_llm(cfg.llm, cfg.llm_model, cfg.llm_timeout, device=cfg.device)
-        return SelfPrunerSampler(space, llm, population_size=cfg.population, seed=cfg.seed)
-    if cfg.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=cfg.seed)
-    return optuna.samplers.RandomSampler(seed=cfg.seed)  # shortgpt: its one mask is enqueued
+    method = cfg.method
+    if n_objectives > 1 and method.single_objective:
+        raise ConfigError(f"{method.name} {method.single_objective}: use objective_mode mean or worst")
+    return method.sampler(cfg, space, n_objectives)
 
 
 def make_pruner(cfg: SearchConfig, sampler: optuna.samplers.BaseSampler) -> optuna.pruners.BasePruner | None:
-    """Multi-fidelity selection within generations when ``cfg.fidelity_stages()`` has stages, else None.
-
-    The GA samplers (evop, levelswitch) rank a candidate in its generation, SLEB in its greedy step
-    (only with explicit ``fidelity``: by default SLEB scores every candidate exactly); the other
-    methods score every candidate on all samples.
-    """
-    from optuna_prune.pruners import GenerationHalvingPruner
-    from optuna_prune.samplers import EvoPSampler, SLEBSampler
-    from optuna_prune.samplers.darwin import DarwinSampler
-
-    if isinstance(sampler, DarwinSampler):  # its stages are training stages, its survivors the keep
-        return sampler.pruner()
-    if not cfg.fidelity_stages() or not isinstance(sampler, (EvoPSampler, SLEBSampler)):
-        return None
-    return GenerationHalvingPruner(sampler, keep=cfg.fidelity_keep)
+    """The method's pruner: multi-fidelity selection within generations when ``cfg.fidelity_stages()``
+    has stages (the GA samplers rank a candidate in its generation, SLEB in its greedy step), darwin's
+    survivor schedule, or None (every candidate scored on all samples)."""
+    return cfg.method.pruner(cfg, sampler)
 
 
 def default_budget(cfg: SearchConfig, sampler: optuna.samplers.BaseSampler) -> MethodBudget | None:
-    """n_trials, or a default: SLEB and exhaustive stop by themselves, ShortGPT is one evaluation."""
-    if cfg.sampler in ("sleb", "exhaustive") and cfg.n_trials is None:
-        return None
-    if cfg.sampler == "shortgpt":
-        return MethodBudget("shortgpt", 1)
-    if cfg.n_trials is not None:
-        return MethodBudget(cfg.sampler, cfg.n_trials)
-    population = getattr(sampler, "population_size", None) or 20
-    return MethodBudget(cfg.sampler, population * 10)
+    """The method's budget from n_trials or its default (e.g. SLEB and exhaustive stop by themselves:
+    None; ShortGPT is one evaluation; the GA samplers ten generations)."""
+    n_trials = cfg.method.budget(cfg.n_trials, sampler)
+    return None if n_trials is None else MethodBudget(cfg.sampler, n_trials)
 
 
 def n_objectives_of(cfg: SearchConfig) -> int:
@@ -841,15 +779,14 @@ def precheck(cfg: SearchConfig, storage: optuna.storages.BaseStorage | None, new
         names = {s.study_name for s in optuna.get_all_study_summaries(storage)}
         name = name if name in names else None
     if name is None:  # a new study, unless the derived name finds one once the model is loaded
-        if "sleb" in cfg.seed_with and (new_study or cfg.study is not None):
-            raise ConfigError("seed_with sleb needs a finished SLEB run in this study: run --sampler sleb first")
+        if (new_study or cfg.study is not None) and (missing := missing_run(cfg, None)) is not None:
+            raise missing_run_error(missing)
         return
     study = optuna.load_study(study_name=name, storage=storage)
     stored = require_problem(study, fix="use another --study name")
-    space_name = None if cfg.space == "layers" else cfg.space
     partial = {"model": model_identity(cfg.model), "calibration": source_label(cfg.calibration),
                "fitness": cfg.fitness, "objective_mode": cfg.objective_mode,
-               "ccds_clusters": cfg.ccds_clusters, "space": space_name}
+               "ccds_clusters": cfg.ccds_clusters, "space": space_of(cfg.space).recorded_as}
     check_problem(study, partial, wait=0, keys=tuple(partial))
     num_layers = stored.get("num_layers")
     if not isinstance(num_layers, int):
@@ -865,11 +802,10 @@ def precheck(cfg: SearchConfig, storage: optuna.storages.BaseStorage | None, new
 def announce_plan(cfg: SearchConfig, space: LayerMaskSpace) -> None:
     """Say how many layers (blocks, width units) the search drops and the real sparsity; name the
     ``--drop`` that gives exactly what ``--sparsity`` asked for when it does not divide evenly."""
-    kind = {"sublayers": "attention/MLP blocks", "rates": "MLP-width units"}.get(cfg.space, "layers")
-    total = space.n_layers * space.resolution if cfg.space == "rates" else space.num_layers
-    k = space.num_drop
-    line = f"{'pruning' if cfg.space == 'rates' else 'dropping'} {k} of {total} {kind}: sparsity {k / total:.1%}"
-    if cfg.sparsity is not None and cfg.space != "rates" and abs(cfg.sparsity * total - k) > 1e-6:
+    units = space_of(cfg.space)
+    kind, total, k = units.unit, units.total_units(space), space.num_drop
+    line = f"{units.verb} {k} of {total} {kind}: sparsity {k / total:.1%}"
+    if cfg.sparsity is not None and units.rounds_to_drop and abs(cfg.sparsity * total - k) > 1e-6:
         other = k + 1 if cfg.sparsity * total > k else k - 1
         line += f" (--sparsity {cfg.sparsity} asks for {cfg.sparsity * total:.2f} {kind}, which rounds to {k}"
         if 0 < other < total:
@@ -909,11 +845,8 @@ def prepare(cfg: SearchConfig, new_study: bool = False, record_config: bool = Tr
         tokenizer, cfg.calibration, n_samples=cfg.n_samples, seq_len=cfg.seq_len,
         seed=cfg.seed, data_dir=cfg.data_dir, ccds=ccds,
     )
-    train_windows = None
-    if cfg.sampler == "darwin":  # its training text must suffice too, before a study is created
-        from optuna_prune.darwin import darwin_training_windows
-
-        train_windows = darwin_training_windows(cfg, calibration, tokenizer)
+    method = cfg.method  # what its objective needs must be there too, before a study is created
+    inputs = None if method.inputs is None else method.inputs(cfg, calibration, tokenizer)
     problem = problem_of(cfg, model_identity(cfg.model), num_layers, num_drop, calibration)
     n_objectives = n_objectives_of(cfg)
     sampler = make_sampler(cfg, space, n_objectives)
@@ -928,8 +861,8 @@ def prepare(cfg: SearchConfig, new_study: bool = False, record_config: bool = Tr
             existing = optuna.load_study(study_name=name, storage=storage)
             check_problem(existing, problem)
             check_resume(cfg, existing, sampler)  # before opening it fails orphaned trials
-        elif "sleb" in cfg.seed_with:
-            raise ConfigError("seed_with sleb needs a finished SLEB run in this study: run --sampler sleb first")
+        elif (missing := missing_run(cfg, None)) is not None:
+            raise missing_run_error(missing)
         study, created = _open_or_create(storage, name, problem, ["minimize"] * n_objectives, sampler, new_study, pruner)
         if not created:
             check_resume(cfg, study, sampler)  # a process started with this one may have made it
@@ -938,7 +871,7 @@ def prepare(cfg: SearchConfig, new_study: bool = False, record_config: bool = Tr
         raise
     try:
         setup = _set_up(cfg, study, sampler, pruner, space, model, tokenizer, calibration, record_config,
-                        train_windows)
+                        inputs)
     except BaseException:
         if created:
             _discard_new_study(study, new_file, new_folders)
@@ -987,60 +920,43 @@ def _remove_new_storage(storage: optuna.storages.BaseStorage, new_file: Path | N
 def _set_up(
     cfg: SearchConfig, study: optuna.Study, sampler: optuna.samplers.BaseSampler,
     pruner: optuna.pruners.BasePruner | None, space: LayerMaskSpace, model: Any, tokenizer: Any,
-    calibration: Any, record_config: bool, train_windows: Any = None,
+    calibration: Any, record_config: bool, inputs: Any = None,
 ) -> SearchSetup:
     """The part of :func:`prepare` that writes: config and clusters on the study, the fitness (the
-    dense pass), the objective, and the seeds enqueued."""
-    from optuna_prune.fitness import make_fitness
-    from optuna_prune.importance import block_influence, lowest
-    from optuna_prune.objective import CANDIDATE_FAILURES, MaskObjective
+    dense pass), the objective, and the seeds enqueued (``inputs``: what the method's own objective
+    needs, see :attr:`~optuna_prune.methods.Method.inputs`)."""
+    from optuna_prune.objective import CANDIDATE_FAILURES
 
-    num_drop = space.num_drop
+    method, units = cfg.method, space_of(cfg.space)
     if record_config:  # a search or create; a worker joins a study whose k was announced when it was made
         announce_plan(cfg, space)
         study.set_user_attr("config", cfg.replace(study=study.study_name).to_dict())
     if calibration.clusters is not None:
         study.set_user_attr("ccds", calibration.clusters)
-    if cfg.space == "rates":
-        from optuna_prune.rate_objective import RateObjective
-        from optuna_prune.width import WidthFitness
-
-        fitness = WidthFitness(model, calibration, cfg.rate_resolution)
-        objective = RateObjective(
-            fitness, space, method=cfg.sampler, cluster_ids=calibration.cluster_ids,
-            mode=cfg.objective_mode, invalid=cfg.invalid_masks,
-        )
+    fitness = units.fitness(cfg, model, calibration)
+    if method.objective is not None:
+        objective = method.objective(cfg, fitness, space, tokenizer, inputs)
     else:
-        fitness = make_fitness(
-            cfg.fitness, model, calibration, batch_size=cfg.batch_size, cache_bytes=cfg.cache_mb << 20,
-            sub_blocks=cfg.space == "sublayers",
-        )
-    if cfg.sampler == "darwin":
-        from optuna_prune.darwin import make_darwin_objective
-
-        objective = make_darwin_objective(cfg, fitness, space, tokenizer, train_windows)
-    elif cfg.space != "rates":
-        objective = MaskObjective(
+        objective = units.objective_class()(
             fitness, space, method=cfg.sampler, cluster_ids=calibration.cluster_ids,
             mode=cfg.objective_mode, invalid=cfg.invalid_masks,
             stages=cfg.fidelity_stages() if pruner is not None else (),
         )
     budget = default_budget(cfg, sampler)
 
+    seeders = seed_methods(cfg)
     influence = None
-    if cfg.sampler == "shortgpt" or "shortgpt" in cfg.seed_with:
+    if any(m.needs_influence for _, m in seeders):
+        from optuna_prune.importance import block_influence  # model side (torch)
+
         influence = block_influence(fitness)
         study.set_user_attr("block_influence", [round(v, 6) for v in influence])
     seeds: dict[str, tuple[int, ...]] = {}
-    if cfg.sampler == "shortgpt":
-        seeds["shortgpt"] = lowest(influence, num_drop)
-    if "shortgpt" in cfg.seed_with and cfg.sampler != "shortgpt":
-        seeds["seed:shortgpt"] = lowest(influence, num_drop)
-    if "sleb" in cfg.seed_with:
-        found = sleb_result(study)
+    for origin, seeder in seeders:
+        found = seeder.seed(study, influence, space.num_drop)
         if found is None:
-            raise ConfigError("seed_with sleb needs a finished SLEB run in this study: run --sampler sleb first")
-        seeds["seed:sleb"] = found
+            raise missing_run_error(seeder)
+        seeds[origin] = found
     own = {trial_mask(t, space) for t in method_trials(study, cfg.sampler)}
     waiting = {trial_mask(t, space) for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
     for origin, dropped in seeds.items():
@@ -1217,13 +1133,12 @@ def fail_own_running_trials(study: optuna.Study) -> None:
 
 def config_of(study: optuna.Study) -> SearchConfig:
     """The SearchConfig recorded on a study (for workers, export and evaluation)."""
-    from optuna_prune.config import from_dict
+    from optuna_prune.config import from_record
 
     data = study.user_attrs.get("config")
     if data is None:
         raise ConfigError(f"study {study.study_name!r} has no recorded optuna-prune config")
-    known = {f.name for f in dataclasses.fields(SearchConfig)}
-    return from_dict({k: v for k, v in data.items() if k in known}, origin=f"study {study.study_name}")
+    return from_record(data, origin=f"study {study.study_name}")
 
 
 def load_existing_study(name: str, storage_url: str | None) -> optuna.Study:
