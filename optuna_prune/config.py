@@ -28,6 +28,9 @@ SUB_BLOCK_SAMPLERS = ("evop", "levelswitch", "sleb", "random", "tpe", "exhaustiv
 FITNESS_NAMES = ("perplexity", "kl")
 OBJECTIVE_MODES = ("mean", "worst", "clusters")
 INVALID_MASK_POLICIES = ("repair", "reject")
+# What --best means: the final pick by validation loss (final_pick.py; the best by search loss in a study
+# without a validation split), or the best by search loss ("calibration").
+PICK_BY = ("validation", "calibration")
 DEFAULT_STORAGE = "sqlite:///runs/optuna_prune.db"
 """Where every command and every config in studies/ keep their studies unless given a storage."""
 # Samplers that rank candidates by one loss: objective_mode "clusters" (several objectives) is refused.
@@ -48,6 +51,10 @@ class SearchConfig:
     data_dir: str | None = None
     n_samples: int = 5
     seq_len: int = 2048
+    # Validation split: the last V of the n_samples windows are held out of the search; at its end the
+    # final mask is picked among the pick_top best distinct masks by its loss on them (final_pick.py).
+    validation_samples: int = 0
+    pick_top: int = 5
     ccds_clusters: int = 0
     objective_mode: str = "mean"
     seed: int = 0
@@ -112,6 +119,8 @@ class SearchConfig:
             _choice("seed_with", name, ("sleb", "shortgpt"))
         if self.n_samples < 1 or self.seq_len < 2:
             raise ConfigError(f"calibration needs n_samples >= 1 and seq_len >= 2 (got {self.n_samples} x {self.seq_len})")
+        if self.validation_samples:
+            self._validate_validation()
         if self.ccds_clusters < 0:
             raise ConfigError(f"ccds_clusters {self.ccds_clusters} must be >= 0 (0 turns CCDS off)")
         if self.ccds_clusters and self.n_samples < self.ccds_clusters:
@@ -187,14 +196,39 @@ class SearchConfig:
         if self.fidelity is not None:
             return tuple(self.fidelity)
         if self.sampler in ("evop", "levelswitch") and self.objective_mode == "mean":
-            return default_stages(self.n_samples)
+            return default_stages(self.search_samples)
         return ()
+
+    @property
+    def search_samples(self) -> int:
+        """The calibration windows the search scores masks on: all but the validation split."""
+        return self.n_samples - self.validation_samples
+
+    def _validate_validation(self) -> None:
+        if not 0 <= self.validation_samples < self.n_samples:
+            raise ConfigError(
+                f"validation_samples {self.validation_samples} must be in 0..{self.n_samples - 1} (windows of the "
+                f"{self.n_samples} calibration samples held out; 0: off); lower --validation-samples or raise --n-samples"
+            )
+        if self.ccds_clusters and self.search_samples < self.ccds_clusters:
+            raise ConfigError(
+                f"CCDS with {self.ccds_clusters} clusters needs {self.ccds_clusters} search windows, but "
+                f"{self.n_samples} - {self.validation_samples} validation = {self.search_samples}; "
+                "raise --n-samples or lower --validation-samples"
+            )
+        if self.sampler == "darwin" or self.space == "rates":
+            raise ConfigError(
+                "validation_samples picks among untrained layer masks: it works with space layers or sublayers "
+                "and every sampler but darwin; set --validation-samples 0"
+            )
+        if self.pick_top < 1:
+            raise ConfigError(f"pick_top {self.pick_top} must be >= 1 (masks scored on the validation windows)")
 
     def _validate_fidelity(self) -> None:
         from optuna_prune.pruners import check_stages
 
         try:
-            check_stages(self.fidelity, self.n_samples)
+            check_stages(self.fidelity, self.search_samples)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         if self.objective_mode != "mean":
