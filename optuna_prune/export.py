@@ -15,7 +15,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from optuna_prune.final_pick import picked_trial
+from optuna_prune.final_pick import final_pick, picked_trial
 from optuna_prune.study import best_by_method, config_of
 
 
@@ -96,6 +96,10 @@ def trial_card(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
     }
     if trial.user_attrs.get("perplexity") is not None:
         card["calibration perplexity"] = round(trial.user_attrs["perplexity"], 4)
+    pick = final_pick(study)
+    if pick is not None and pick["trial"] == trial.number:
+        card["chosen by"] = (f"validation loss {pick['validation_loss']:.4f} on {pick['validation_samples']} held-out "
+                             f"calibration windows, the lowest of the top {len(pick['candidates'])} masks by search loss")
     return {k: v for k, v in card.items() if v is not None}
 
 

@@ -131,7 +131,8 @@ def test_show_export_and_evaluate_best_use_the_pick_unless_by_calibration(record
     assert json.loads(capsys.readouterr().out)["final_pick"]["trial"] == 1
 
     out = export_trial(recorded_study, None, tmp_path / "picked")
-    assert "trial: 1" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "trial: 1" in card and "chosen by: validation loss 4.0000 on" in card
     argv = ["export", "recorded", "--storage", storage, "--best", "--by", "calibration", "--out", str(tmp_path / "c")]
     assert main(argv) == 0
     assert "trial: 2" in (tmp_path / "c" / "README.md").read_text()
