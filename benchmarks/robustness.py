@@ -15,11 +15,18 @@ Per sparsity it prints a per-draw table, then for each method
     worst-draw ratio to SLEB: Y    (its worst draw / SLEB's worst draw)
 
 The JSON (``--out``, default ``benchmarks/results/robustness.json``) holds every mask and number and is
-rewritten after each finished draw, so a run cut short keeps what it finished.
+rewritten after each finished draw, so a run cut short keeps what it finished. ``--resume`` reuses the
+rows it already has (SLEB's recorded search time stays the budget), so a later run adds a method to a
+finished one.
+
+``evop+mf+val`` is the default search with a validation split (``validation_samples = 2``): it searches on
+the draw's first 6 windows and its final mask is the one of its 5 best distinct masks with the lowest loss
+on the last 2 (calibration windows, not held-out text); its ``calibration_ppl`` is on the 6 search windows.
 
 Usage (about an hour for 30% with 5 draws on an idle 2-core machine):
     python benchmarks/robustness.py --sparsities 0.3 --draws 5
     python benchmarks/robustness.py --sparsities 0.2 0.4 --draws 3
+    python benchmarks/robustness.py --sparsities 0.3 --draws 5 --methods evop+mf evop+mf+val --resume
 """
 
 from __future__ import annotations
@@ -47,6 +54,9 @@ HELD_OUT = ("wikitext2", "c4")
 PHASES: dict[str, list[tuple[str, dict[str, Any]]]] = {
     **METHODS,
     "sleb+ccds": [("sleb", {"ccds": True})],
+    # The default search with a validation split: the last 2 of the draw's windows are held out of it, and
+    # the final mask is the one of the 5 best distinct masks with the lowest loss on them (final_pick.py).
+    "evop+mf+val": [("evop", {"validation_samples": 2, "pick_top": 5})],
 }
 BASELINES = ("sleb", "sleb+ccds", "shortgpt")
 
@@ -84,6 +94,22 @@ def summarise(rows: list[dict[str, Any]], sparsity: float, methods: list[str]) -
     return lines
 
 
+RESUME_KEYS = ("n_samples", "seq_len", "ccds_clusters", "windows", "data_dir")
+"""Settings a resumed run must share with the rows it reuses (the same draws, held-out windows)."""
+
+
+def resumed(out: Path, args: argparse.Namespace) -> dict[str, Any] | None:
+    """The record ``--resume`` continues (None: no ``out`` yet), after checking it used the same settings."""
+    if not out.is_file():
+        return None
+    earlier = json.loads(out.read_text())
+    for key in RESUME_KEYS:
+        if earlier["args"].get(key) != getattr(args, key):
+            raise SystemExit(f"--resume: {out} was made with --{key.replace('_', '-')} {earlier['args'].get(key)}, "
+                             f"not {getattr(args, key)}; pass the same setting or another --out")
+    return earlier
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
@@ -98,13 +124,22 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=16, help="held-out windows of 512 tokens per dataset")
     parser.add_argument("--storage", default="sqlite:///runs/robustness.db")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "robustness.json"))
+    parser.add_argument("--resume", action="store_true", help="reuse the rows --out has for a (sparsity, draw, "
+                        "method), SLEB's search time included as the budget, and run only the rest (e.g. a method "
+                        "added to a finished run); --out keeps every row")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     methods = [*BASELINES, *args.methods]
     Path("runs").mkdir(exist_ok=True)
+    out = Path(args.out)
+    earlier = resumed(out, args) if args.resume else None
 
     model, tokenizer = load_model("smollm2-135m", device="cpu")
     cache: dict[tuple[int, ...], dict[str, float]] = {}
+    done: dict[tuple[float, int, str], dict[str, Any]] = {}
+    for r in earlier["rows"] if earlier else []:  # measured on the same held-out windows (resumed checks)
+        done[(r["sparsity"], r["draw"], r["method"])] = r
+        cache[tuple(r["dropped"])] = {d: r[f"{d}_ppl"] for d in HELD_OUT}
 
     def held_out(dropped: tuple[int, ...]) -> dict[str, float]:
         if dropped not in cache:
@@ -113,13 +148,15 @@ def main() -> None:
             cache[dropped] = table["m"]
         return cache[dropped]
 
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {
         "started": datetime.now().isoformat(timespec="seconds"), "machine": platform.node(),
         "cores": os.cpu_count(), "load_at_start": os.getloadavg(), "args": vars(args),
-        "dense": held_out(()), "rows": [],
+        "dense": earlier["dense"] if earlier else held_out(()), "rows": list(done.values()),
     }
+    if earlier:
+        record["earlier_runs"] = [*earlier.get("earlier_runs", []), {k: earlier.get(k) for k in ("started", "args")}]
+    shown = list(dict.fromkeys([*methods, *(r["method"] for r in record["rows"])]))
     for sparsity in args.sparsities:
         for draw in range(args.first_draw, args.first_draw + args.draws):
             base = SearchConfig(
@@ -129,6 +166,9 @@ def main() -> None:
             )
             budget = None
             for label in methods:
+                if (reused := done.get((sparsity, draw, label))) is not None:
+                    budget = reused["search_seconds"] if label == "sleb" else budget
+                    continue
                 phases = [
                     (sampler, {**changes, "ccds_clusters": args.ccds_clusters} if changes.pop("ccds", False) else changes)
                     for sampler, changes in ((s, dict(c)) for s, c in PHASES[label])
@@ -142,6 +182,7 @@ def main() -> None:
                     "sparsity": sparsity, "draw": draw, "method": label, "dropped": r["dropped"],
                     "loss": r["loss"], "calibration_ppl": r["calibration_ppl"], "evaluations": r["evaluations"],
                     "seconds": r["seconds"], "search_seconds": r["search_seconds"], "budget_seconds": timeout,
+                    "validation_loss": r["validation_loss"],
                     **{f"{d}_ppl": v for d, v in ppl.items()}, "held_out": held_out_score(ppl),
                     "load": os.getloadavg()[0],
                 }
@@ -149,10 +190,10 @@ def main() -> None:
                 print(f"{sparsity:.0%} draw {draw} {label}: calib {row['calibration_ppl']:.2f} "
                       f"held-out {row['held_out']:.2f} in {row['seconds']:.0f} s", flush=True)
             record["summary"] = {
-                f"{s}": summarise(record["rows"], s, methods) for s in dict.fromkeys(r["sparsity"] for r in record["rows"])
+                f"{s}": summarise(record["rows"], s, shown) for s in dict.fromkeys(r["sparsity"] for r in record["rows"])
             }
             out.write_text(json.dumps(record, indent=2))  # after every draw: a cut-short run keeps it
-        print("\n".join(summarise(record["rows"], sparsity, methods)), flush=True)
+        print("\n".join(summarise(record["rows"], sparsity, shown)), flush=True)
     print(f"wrote {out}")
 
 

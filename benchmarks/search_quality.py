@@ -46,6 +46,7 @@ from plotly.subplots import make_subplots
 
 from optuna_prune.config import SearchConfig
 from optuna_prune.figures import method_color
+from optuna_prune.final_pick import final_pick
 from optuna_prune.layers import SubBlocks, find_layer_stack, sub_block_names
 from optuna_prune.models import load_model
 from optuna_prune.perplexity import cross_domain
@@ -98,6 +99,9 @@ def run_method(
         study = run_search(cfg, progress=False, on_study=lambda s: search_start.setdefault("t", time.perf_counter()))
     seconds = time.perf_counter() - started["clock"]
     best = min(best_by_method(study).values(), key=lambda entry: entry["value"])
+    pick = final_pick(study)
+    if pick is not None:  # a validation split: the study's final mask, the one export --best ships
+        best = {"dropped": pick["dropped"], "value": pick["search_loss"]}
     best["evaluations"] = len(study.get_trials(deepcopy=False))
     done = sorted(
         (t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))),
@@ -115,6 +119,7 @@ def run_method(
         "calibration_ppl": math.exp(best["value"]), "evaluations": best["evaluations"],
         "layer_forwards": forwards, "seconds": seconds,
         "search_seconds": time.perf_counter() - search_start["t"], "curve": curve,
+        "validation_loss": None if pick is None else pick["validation_loss"],
     }
 
 

@@ -404,6 +404,26 @@ def build_calibration(
                           cluster_ids=cluster_ids, clusters=clusters.to_dict())
 
 
+def split_validation(calibration: CalibrationSet, n_validation: int) -> tuple[CalibrationSet, CalibrationSet]:
+    """The search windows (all but the last ``n_validation``) and the validation windows (the last ones).
+
+    The last ones, because CCDS draws window ``i`` from cluster ``i % K``: the first windows keep every
+    cluster in the search. Both parts are fixed by the draw (its seed), so every method of a study
+    scores on the same search windows and is judged on the same validation ones.
+    """
+    n = calibration.n_samples
+    if not 0 < n_validation < n:
+        raise CalibrationError(f"validation windows {n_validation} must be in 1..{n - 1} of the {n} calibration samples")
+
+    def part(rows: slice, clusters: dict[str, Any] | None) -> CalibrationSet:
+        ids = calibration.input_ids[rows]
+        cluster_ids = None if calibration.cluster_ids is None else calibration.cluster_ids[rows]
+        return CalibrationSet(input_ids=ids, source=calibration.source, seed=calibration.seed,
+                              sha256=ids_sha256(ids), cluster_ids=cluster_ids, clusters=clusters)
+
+    return part(slice(0, n - n_validation), calibration.clusters), part(slice(n - n_validation, n), None)
+
+
 def eval_token_stream(tokenizer: Any, source: str, data_dir: str | Path | None = None,
                       max_chars: int | None = None) -> torch.Tensor:
     """1-D int64 ids of the evaluation split of ``source``, for perplexity.

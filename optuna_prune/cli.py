@@ -14,6 +14,7 @@ from typing import Any
 
 from optuna_prune.config import (
     DEFAULT_STORAGE,
+    PICK_BY,
     ConfigError,
     SearchConfig,
     from_dict,
@@ -74,6 +75,9 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="offline copies of wikitext2/c4 (layout of ../shared/data)")
     p.add_argument("--n-samples", type=int, help="calibration samples (default 5)")
     p.add_argument("--seq-len", type=int, help="tokens per calibration sample (default 2048)")
+    p.add_argument("--validation-samples", type=int, help="of the --n-samples windows, hold this many out of the "
+                   "search and pick the final mask among the best ones by its loss on them (0: off, the default)")
+    p.add_argument("--pick-top", type=int, help="with --validation-samples: distinct best masks scored on them (5)")
     p.add_argument("--ccds-clusters", type=int, help="EvoP CCDS: cluster the corpus into K clusters (0: off)")
     p.add_argument("--objective-mode", choices=("mean", "worst", "clusters"))
     p.add_argument("--seed", type=int)
@@ -207,6 +211,9 @@ def _add_trial_flags(p: argparse.ArgumentParser, per_method: bool = False) -> No
     which.add_argument("--best", action="store_true", help="the best complete trial (default)")
     if per_method:
         which.add_argument("--per-method", action="store_true", help="the best trial of each method")
+    p.add_argument("--by", choices=PICK_BY, default="validation", help="what --best means: the final pick by validation "
+                   "loss of a search with --validation-samples (default; else the best by search loss), or "
+                   "calibration: the best by search loss")
 
 
 def _csv(text: str) -> list[str]:
@@ -291,10 +298,11 @@ def cmd_show(args: argparse.Namespace) -> None:
 
     study = load_existing_study(args.study, args.storage)
     if args.json:
+        from optuna_prune.final_pick import final_pick
         from optuna_prune.study import best_by_method
 
         print(json.dumps({"study": study.study_name, "problem": study.user_attrs.get("problem"),
-                          "best_by_method": best_by_method(study)}, indent=2))
+                          "best_by_method": best_by_method(study), "final_pick": final_pick(study)}, indent=2))
         return
     problem = study.user_attrs.get("problem", {})
     print(f"study {study.study_name}: {problem.get('model')} drop {problem.get('num_drop')} of "
@@ -324,7 +332,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     from optuna_prune.study import load_existing_study
 
     study = load_existing_study(args.study, args.storage)
-    print(export_trial(study, args.trial, args.out, device=args.device, overwrite=args.overwrite))
+    print(export_trial(study, args.trial, args.out, device=args.device, overwrite=args.overwrite, by=args.by))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -342,6 +350,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         datasets=_csv(args.datasets), tasks=DEFAULT_TASKS if args.tasks is None else _csv(args.tasks), limit=limit, data_dir=args.data_dir,
         speed=not args.no_speed, out_json=args.out, device=args.device, batch_size=args.batch_size,
         settings=dataclasses.replace(base, **given), recompute=args.recompute, progress=not args.no_progress,
+        by=args.by,
     )
     _table(*evaluation_rows(study))
 
@@ -446,6 +455,26 @@ def _print_best(study: Any) -> None:
     if running:
         print("running, not counted in evals: " + ", ".join(f"{n} {m}" for m, n in sorted(running.items()))
               + " (a killed search's trial is failed when the study is next opened)")
+    _print_final_pick(study)
+
+
+def _print_final_pick(study: Any) -> None:
+    """The masks a validation split scored, the best by search loss first, and which one was picked."""
+    from optuna_prune.final_pick import final_pick
+
+    pick = final_pick(study)
+    if pick is None:
+        return
+    print(f"\nfinal pick: trial {pick['trial']} ({pick['method']}), chosen by validation loss on "
+          f"{pick['validation_samples']} held-out calibration windows among the top {len(pick['candidates'])} "
+          "masks by search loss (export/evaluate --best use it; --by calibration: the first row)")
+    rows = [
+        (", ".join(([] if c["trial"] != pick["trial"] else ["final pick"]) + ([] if i else ["best by calibration"])),
+         c["method"], c["trial"], f"{c['search_loss']:.4f}", f"{c['validation_loss']:.4f}",
+         " ".join(map(str, c["dropped"])))
+        for i, c in enumerate(pick["candidates"])
+    ]
+    _table(("", "method", "trial", "search loss", "validation loss", "dropped layers"), rows)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:

@@ -35,6 +35,9 @@ SAMPLERS = tuple(METHODS)
 FITNESS_NAMES = ("perplexity", "kl")
 OBJECTIVE_MODES = ("mean", "worst", "clusters")
 INVALID_MASK_POLICIES = ("repair", "reject")
+# What --best means: the final pick by validation loss (final_pick.py; the best by search loss in a study
+# without a validation split), or the best by search loss ("calibration").
+PICK_BY = ("validation", "calibration")
 DEFAULT_STORAGE = "sqlite:///runs/optuna_prune.db"
 """Where every command and every config in studies/ keep their studies unless given a storage."""
 MAX_STUDY_NAME = 512  # RDB storages index study names of up to 512 characters
@@ -60,6 +63,10 @@ class SearchConfig:
     data_dir: str | None = None
     n_samples: int = 5
     seq_len: int = 2048
+    # Validation split: the last V of the n_samples windows are held out of the search; at its end the
+    # final mask is picked among the pick_top best distinct masks by its loss on them (final_pick.py).
+    validation_samples: int = 0
+    pick_top: int = 5
     ccds_clusters: int = 0
     objective_mode: str = "mean"
     seed: int = 0
@@ -125,6 +132,8 @@ class SearchConfig:
             _choice("seed_with", name, seeders())
         if self.n_samples < 1 or self.seq_len < 2:
             raise ConfigError(f"calibration needs n_samples >= 1 and seq_len >= 2 (got {self.n_samples} x {self.seq_len})")
+        if self.validation_samples:
+            self._validate_validation()
         if self.ccds_clusters < 0:
             raise ConfigError(f"ccds_clusters {self.ccds_clusters} must be >= 0 (0 turns CCDS off)")
         if self.ccds_clusters and self.n_samples < self.ccds_clusters:
@@ -171,6 +180,31 @@ class SearchConfig:
     def fidelity_stages(self) -> tuple[int, ...]:
         """The multi-fidelity stages this search's pruner uses (the method's options decide)."""
         return self.options.pruner_stages(self)
+
+    @property
+    def search_samples(self) -> int:
+        """The calibration windows the search scores masks on: all but the validation split."""
+        return self.n_samples - self.validation_samples
+
+    def _validate_validation(self) -> None:
+        if not 0 <= self.validation_samples < self.n_samples:
+            raise ConfigError(
+                f"validation_samples {self.validation_samples} must be in 0..{self.n_samples - 1} (windows of the "
+                f"{self.n_samples} calibration samples held out; 0: off); lower --validation-samples or raise --n-samples"
+            )
+        if self.ccds_clusters and self.search_samples < self.ccds_clusters:
+            raise ConfigError(
+                f"CCDS with {self.ccds_clusters} clusters needs {self.ccds_clusters} search windows, but "
+                f"{self.n_samples} - {self.validation_samples} validation = {self.search_samples}; "
+                "raise --n-samples or lower --validation-samples"
+            )
+        if not (self.method.validation_pick and space_of(self.space).validation_pick):
+            raise ConfigError(
+                "validation_samples picks among untrained layer masks: it works with space layers or sublayers "
+                "and every sampler but darwin; set --validation-samples 0"
+            )
+        if self.pick_top < 1:
+            raise ConfigError(f"pick_top {self.pick_top} must be >= 1 (masks scored on the validation windows)")
 
     def replace(self, **changes: Any) -> SearchConfig:
         return dataclasses.replace(self, **changes)

@@ -60,11 +60,12 @@ class EvalSettings:
         return cls(seq_len=512, max_windows=16, repeats=3)
 
 
-def chosen_trials(study: optuna.Study, trial: int | str | None = None, methods: str | None = None) -> list[FrozenTrial]:
-    """One trial (a number, or the best for None / "best"), or with ``methods="best-per-method"`` the
-    best trial of each method, best first."""
+def chosen_trials(study: optuna.Study, trial: int | str | None = None, methods: str | None = None,
+                  by: str = "validation") -> list[FrozenTrial]:
+    """One trial (a number, or the best for None / "best", ``by`` as :func:`choose_trial` says), or
+    with ``methods="best-per-method"`` the best trial of each method, best first."""
     if methods is None:
-        return [choose_trial(study, trial)]
+        return [choose_trial(study, trial, by)]
     if methods != PER_METHOD:
         raise TrialChoiceError(f"methods={methods!r} is not supported; use {PER_METHOD!r} or None")
     best = sorted(best_by_method(study).values(), key=lambda e: e["value"])
@@ -106,10 +107,12 @@ def evaluate_study(
     batch_size: int = 1,
     recompute: bool = False,
     progress: bool = False,
+    by: str = "validation",
 ) -> dict[str, Any]:
     """Evaluate the dense model and the chosen trial(s) of ``study``; store and return the results.
 
-    ``trial`` picks one trial (a number, or the best for None / "best"); ``methods="best-per-method"``
+    ``trial`` picks one trial (a number, or the best for None / "best": the final pick unless ``by`` is
+    "calibration"); ``methods="best-per-method"``
     evaluates the best trial of every method instead (for a table: dense, SLEB, EvoP, ...). ``data_dir``
     defaults to the study's; ``recompute`` ignores what is stored. ``progress`` shows a bar with the
     time left for every phase (each dataset's windows, each task's requests, the speed rounds). Returns
@@ -119,7 +122,7 @@ def evaluate_study(
     from optuna_prune.models import load_model
     from optuna_prune.perplexity import perplexity
 
-    trials = chosen_trials(study, trial, methods)
+    trials = chosen_trials(study, trial, methods, by)
     cfg = config_of(study)
     data_dir = data_dir if data_dir is not None else cfg.data_dir
     check_request(datasets, tasks, limit, data_dir, settings, batch_size, out_json)

@@ -15,6 +15,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from optuna_prune.final_pick import final_pick, picked_trial
 from optuna_prune.study import best_by_method, config_of
 
 
@@ -22,12 +23,16 @@ class TrialChoiceError(ValueError):
     """The trial asked for does not exist or has no complete exact-k mask to export or evaluate."""
 
 
-def choose_trial(study: optuna.Study, trial: int | str | None = None) -> FrozenTrial:
-    """The trial numbered ``trial``, or the best complete exact-k trial for None / ``"best"``.
+def choose_trial(study: optuna.Study, trial: int | str | None = None, by: str = "validation") -> FrozenTrial:
+    """The trial numbered ``trial``, or for None / ``"best"`` the study's final pick by validation loss
+    (:mod:`optuna_prune.final_pick`; ``by="calibration"`` or a study without one: the best complete
+    exact-k trial by search loss).
 
     Only COMPLETE trials that dropped exactly the study's k layers qualify: a PRUNED trial is a partial
     SLEB step or a candidate stopped early, whose mask or score is not the final one.
     """
+    if (trial is None or trial == "best") and (picked := picked_trial(study, by)) is not None:
+        trial = picked
     if trial is None or trial == "best":
         best = best_by_method(study)
         if not best:
@@ -91,6 +96,10 @@ def trial_card(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
     }
     if trial.user_attrs.get("perplexity") is not None:
         card["calibration perplexity"] = round(trial.user_attrs["perplexity"], 4)
+    pick = final_pick(study)
+    if pick is not None and pick["trial"] == trial.number:
+        card["chosen by"] = (f"validation loss {pick['validation_loss']:.4f} on {pick['validation_samples']} held-out "
+                             f"calibration windows, the lowest of the top {len(pick['candidates'])} masks by search loss")
     return {k: v for k, v in card.items() if v is not None}
 
 
@@ -100,8 +109,10 @@ def export_trial(
     out_dir: str | Path = "pruned-model",
     device: str | None = "cpu",
     overwrite: bool = False,
+    by: str = "validation",
 ) -> Path:
-    """Write the model pruned by a trial's mask (default: the best trial) to ``out_dir``; return it.
+    """Write the model pruned by a trial's mask (default: the best trial, ``by`` as
+    :func:`choose_trial` says) to ``out_dir``; return it.
 
     The model is loaded from the study's recorded config (its model and dtype; on the CPU by default,
     which saving needs no more than), pruned with ``layers.save_pruned`` and saved with its tokenizer and
@@ -114,7 +125,7 @@ def export_trial(
     from optuna_prune.models import load_model
     from optuna_prune.outputs import check_out_folder, output_folder
 
-    trial = choose_trial(study, trial_number)
+    trial = choose_trial(study, trial_number, by)
     cfg = config_of(study)
     check_out_folder(out_dir, overwrite)  # before the model loads
     model, tokenizer = load_model(cfg.model, device=device, dtype=cfg.dtype)

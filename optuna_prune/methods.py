@@ -81,7 +81,7 @@ class StagedOptions(MethodOptions):
     fidelity_keep: float = field(default=0.5, metadata=_help(
         "fraction of a generation kept at each fidelity stage (0.5)"))
     stages_by_default: ClassVar[bool] = False
-    """Without ``fidelity``: doubling counts below n_samples (measured in benchmarks/multifidelity.py)."""
+    """Without ``fidelity``: doubling counts below the search windows (measured in benchmarks/multifidelity.py)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.fidelity_keep <= 1:
@@ -95,13 +95,13 @@ class StagedOptions(MethodOptions):
         if self.fidelity is not None:
             return tuple(self.fidelity)
         if self.stages_by_default and cfg.objective_mode == "mean":
-            return default_stages(cfg.n_samples)
+            return default_stages(cfg.search_samples)
         return ()
 
 
 def _check_fidelity(fidelity: Sequence[int], cfg: SearchConfig) -> None:
     try:
-        check_stages(fidelity, cfg.n_samples)
+        check_stages(fidelity, cfg.search_samples)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if cfg.objective_mode != "mean":
@@ -353,6 +353,9 @@ class Method:
     """Its whole search is its seed mask, enqueued once (ShortGPT); its sampler proposes nothing."""
     generations_figure: bool = False
     """The layer-drop figure shows its generations (one method's, so they do not mix)."""
+    validation_pick: bool = True
+    """Its final mask may be picked among its top masks by validation loss (final_pick.py); not
+    darwin's, whose candidates are scored after a fine-tune."""
 
     @property
     def option_keys(self) -> tuple[str, ...]:
@@ -374,7 +377,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            single_objective="keeps one parent", pruner=_halving),
     Method("darwin", "DarwinLM's level switches, judged after a staged fine-tune", _darwin, DarwinOptions,
            spaces=("layers",), single_objective="keeps one parent", pruner=_survivor_pruner,
-           objective=_darwin_objective, inputs=_darwin_inputs),
+           objective=_darwin_objective, inputs=_darwin_inputs, validation_pick=False),
     Method("sleb", "SLEB's greedy removal of one block at a time", _sleb, SLEBOptions,
            single_objective="is single-objective", pruner=_halving, budget=_until_done,
            seed=_sleb_mask, seed_needs_run=True),
@@ -477,6 +480,8 @@ class SpaceKind:
     check: Callable[[SearchConfig], None] = lambda cfg: None
     recorded_as: str | None = None
     """Its name in a study's problem (None: layers, as studies made before other spaces existed)."""
+    validation_pick: bool = True
+    """A study's top candidates of this kind can be rescored on validation windows (final_pick.py)."""
 
 
 SPACES: dict[str, SpaceKind] = {s.name: s for s in (
@@ -491,7 +496,8 @@ SPACES: dict[str, SpaceKind] = {s.name: s for s in (
     SpaceKind("rates", "per-layer MLP width-pruning rates with mean --sparsity", "MLP-width units",
               lambda cfg, n: RateSpace.for_sparsity(n, cfg.sparsity, resolution=cfg.rate_resolution),
               _width_fitness, _rate_objective, total_units=lambda space: space.n_layers * space.resolution,
-              rounds_to_drop=False, verb="pruning", check=_check_rates, recorded_as="rates"),
+              rounds_to_drop=False, verb="pruning", check=_check_rates, recorded_as="rates",
+              validation_pick=False),
 )}
 
 

@@ -58,9 +58,11 @@ log = logging.getLogger("optuna_prune.plan")  # what a search is about to do (th
 PROBLEM_ATTR = "problem"
 # The parts of a problem a resumed study must share with the one that created it.
 PROBLEM_KEYS = (
-    "model", "num_layers", "num_drop", "calibration", "calibration_sha256",
+    "model", "num_layers", "num_drop", "calibration", "validation_samples", "calibration_sha256",
     "fitness", "objective_mode", "ccds_clusters", "space",
 )
+# What a problem that does not record a key means (studies made before the key existed).
+PROBLEM_DEFAULTS = {"validation_samples": 0}
 
 
 class StorageError(ValueError):
@@ -171,6 +173,8 @@ def problem_of(cfg: SearchConfig, model_id: str, num_layers: int, num_drop: int,
         "objective_mode": cfg.objective_mode,
         "seed": cfg.seed,
     }
+    if cfg.validation_samples:  # the last windows of the draw are held out of the search (final_pick)
+        problem["validation_samples"] = cfg.validation_samples
     if cfg.space == "rates":  # num_drop counts MLP-width units of 1/rate_resolution over all layers
         problem.update(space="rates", rate_resolution=cfg.rate_resolution,
                        sparsity=round(num_drop / (num_layers * cfg.rate_resolution), 4))
@@ -319,10 +323,11 @@ def check_problem(study: optuna.Study, problem: dict[str, Any], wait: float = 5.
     """
     stored = require_problem(study, wait, fix="use another --study name")
     for key in keys:
-        if stored.get(key) != problem.get(key):
+        was, now = (p.get(key, PROBLEM_DEFAULTS.get(key)) for p in (stored, problem))
+        if was != now:
             raise StudyMismatchError(
-                f"study {study.study_name!r} was created with {key}={stored.get(key)!r}, not "
-                f"{problem.get(key)!r}; resume with the same settings, or pass --new-study or another --study"
+                f"study {study.study_name!r} was created with {key}={was!r}, not "
+                f"{now!r}; resume with the same settings, or pass --new-study or another --study"
             )
 
 
@@ -716,6 +721,7 @@ class SearchSetup:
     calibration: Any
     fitness: Any
     space: LayerMaskSpace
+    validation: Any = None  # the held-out calibration windows (CalibrationSet) of a validation split
 
 
 def make_space(cfg: SearchConfig, num_layers: int) -> LayerMaskSpace:
@@ -786,7 +792,8 @@ def precheck(cfg: SearchConfig, storage: optuna.storages.BaseStorage | None, new
     stored = require_problem(study, fix="use another --study name")
     partial = {"model": model_identity(cfg.model), "calibration": source_label(cfg.calibration),
                "fitness": cfg.fitness, "objective_mode": cfg.objective_mode,
-               "ccds_clusters": cfg.ccds_clusters, "space": space_of(cfg.space).recorded_as}
+               "ccds_clusters": cfg.ccds_clusters, "space": space_of(cfg.space).recorded_as,
+               "validation_samples": cfg.validation_samples}
     check_problem(study, partial, wait=0, keys=tuple(partial))
     num_layers = stored.get("num_layers")
     if not isinstance(num_layers, int):
@@ -869,13 +876,19 @@ def prepare(cfg: SearchConfig, new_study: bool = False, record_config: bool = Tr
     except BaseException:
         _remove_new_storage(storage, new_file, new_folders)
         raise
+    search_windows, validation = calibration, None
+    if cfg.validation_samples:
+        from optuna_prune.calibration import split_validation
+
+        search_windows, validation = split_validation(calibration, cfg.validation_samples)
     try:
-        setup = _set_up(cfg, study, sampler, pruner, space, model, tokenizer, calibration, record_config,
+        setup = _set_up(cfg, study, sampler, pruner, space, model, tokenizer, search_windows, record_config,
                         inputs)
     except BaseException:
         if created:
             _discard_new_study(study, new_file, new_folders)
         raise
+    setup.validation = validation
     return setup
 
 
@@ -1035,6 +1048,10 @@ def run_search(
     finally:
         if shown is not None:
             shown.close()
+    if setup.validation is not None:
+        from optuna_prune.final_pick import pick_on_validation
+
+        pick_on_validation(study, setup.model, setup.validation, cfg, progress=progress)
     summarise(study)
     return study
 
