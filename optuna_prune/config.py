@@ -204,8 +204,7 @@ class SearchConfig:
             )
 
     def _validate_darwin(self) -> None:
-        from optuna_prune.darwin import stage_schedule
-        from optuna_prune.samplers.darwin import check_survivors
+        from optuna_prune.samplers.darwin import check_survivors, stage_schedule
         from optuna_prune.training import TRAIN_LOSSES
 
         _choice("train_loss", self.train_loss, TRAIN_LOSSES)
