@@ -19,7 +19,15 @@ from optuna.storages import InMemoryStorage, JournalStorage, RetryHeartbeatStale
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
-from optuna_prune.record import ORIGIN_KEY, PARENTS_KEY, STEP_KEY, SURPLUS_KEY
+from optuna_prune.record import (
+    ALLOW_PARTIAL_KEY,
+    METHOD_KEY,
+    ORIGIN_KEY,
+    PARENTS_KEY,
+    STEP_KEY,
+    STOP_ABOVE_KEY,
+    SURPLUS_KEY,
+)
 from optuna_prune.samplers import (
     EvoPSampler,
     ExhaustiveMaskSampler,
@@ -32,9 +40,6 @@ from optuna_prune.samplers import (
 )
 from optuna_prune.samplers.exhaustive import _rank, _unrank
 from optuna_prune.space import (
-    ALLOW_PARTIAL_KEY,
-    METHOD_KEY,
-    STOP_ABOVE_KEY,
     LayerMaskSpace,
     SpaceError,
 )
