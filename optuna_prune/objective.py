@@ -8,8 +8,6 @@ perplexity, the loss on each CCDS cluster, the cost of the evaluation, and why a
 from __future__ import annotations
 
 import math
-import os
-import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,7 +36,6 @@ from optuna_prune.record import (
 )
 from optuna_prune.space import LayerMaskSpace
 
-WORKER = f"{socket.gethostname()}:{os.getpid()}"
 # Failures that belong to one candidate: recorded as FAIL, the study goes on.
 CANDIDATE_FAILURES: tuple[type[BaseException], ...] = (NonFiniteLossError, torch.OutOfMemoryError)
 
@@ -70,7 +67,7 @@ class MaskObjective:
         }
         system_attrs = trial.storage.get_trial_system_attrs(trial._trial_id)
         method = system_attrs.get(METHOD_KEY, self.method)
-        record_candidate(trial, method, WORKER)
+        record_candidate(trial, method)
         dropped = self.space.dropped_from_params(params)
         partial = bool(system_attrs.get(ALLOW_PARTIAL_KEY)) and len(dropped) < self.space.num_drop
         if not partial and not self.space.is_valid(dropped):

@@ -12,7 +12,7 @@ import time
 import optuna
 import torch
 
-from optuna_prune.objective import CANDIDATE_FAILURES, WORKER, MaskObjective
+from optuna_prune.objective import CANDIDATE_FAILURES, MaskObjective
 from optuna_prune.rate_space import RateSpace
 from optuna_prune.record import (
     FAIL_REASON,
@@ -41,7 +41,7 @@ class RateObjective(MaskObjective):
         assert isinstance(space, RateSpace)
         params = {name: trial.suggest_int(name, 0, space.max_units) for name in space.param_names}
         system_attrs = trial.storage.get_trial_system_attrs(trial._trial_id)
-        record_candidate(trial, system_attrs.get(METHOD_KEY, self.method), WORKER)
+        record_candidate(trial, system_attrs.get(METHOD_KEY, self.method))
         candidate = space.dropped_from_params(params)
         if not space.is_valid(candidate):
             asked = space.units(candidate)

@@ -9,6 +9,8 @@ Search-side level: only the standard library and optuna, so samplers import it w
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -40,6 +42,8 @@ METHOD_ATTR = "method"
 """The method that proposed the trial (a copy of ``METHOD_KEY`` the dashboard shows)."""
 WORKER_ATTR = "worker"
 """``host:pid`` of the process that evaluates the trial."""
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
+"""This process's ``WORKER_ATTR``."""
 DROPPED_ATTR = "dropped"
 """The units the objective dropped (after any repair), a sorted list of ints."""
 N_DROPPED_ATTR = "n_dropped"
@@ -107,10 +111,10 @@ def trial_dropped(trial: FrozenTrial) -> list[int] | None:
     return trial.user_attrs.get(DROPPED_ATTR)
 
 
-def record_candidate(trial: optuna.Trial, method: str, worker: str) -> None:
-    """Tag a trial the objective starts with its method and its worker."""
+def record_candidate(trial: optuna.Trial, method: str) -> None:
+    """Tag a trial the objective starts with its method and this process as its worker."""
     trial.set_user_attr(METHOD_ATTR, method)
-    trial.set_user_attr(WORKER_ATTR, worker)
+    trial.set_user_attr(WORKER_ATTR, WORKER)
 
 
 def record_dropped(trial: optuna.Trial, dropped: Sequence[int]) -> None:

@@ -35,7 +35,7 @@ from optuna_prune.heartbeat import (
     grace_of,
     stale_reason,
 )
-from optuna_prune.record import CONFIG_ATTR, FAIL_REASON, LEASE_KEY, trial_worker
+from optuna_prune.record import CONFIG_ATTR, FAIL_REASON, LEASE_KEY, WORKER, trial_worker
 from optuna_prune.samplers.base import storage_backend
 
 
@@ -391,8 +391,6 @@ def fail_own_running_trials(study: optuna.Study) -> None:
     Optuna fails the trial whose objective was interrupted, but Ctrl-C between two of its storage
     calls leaves the trial RUNNING, and other workers would wait for it until its heartbeat is stale.
     """
-    from optuna_prune.objective import WORKER
-
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if trial_worker(t) == WORKER:
             study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)

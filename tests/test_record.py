@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 from pathlib import Path
 
 import optuna
@@ -47,13 +49,13 @@ def test_problem_units_and_the_study_name_count_the_same_units() -> None:
 def test_trial_readers_read_what_the_writers_wrote() -> None:
     study = optuna.create_study()
     trial = study.ask()
-    record_candidate(trial, "evop", "host:1")
+    record_candidate(trial, "evop")
     record_dropped(trial, (1, 3))
     study.tell(trial, 1.0)
     frozen = study.trials[0]
     assert frozen.user_attrs[DROPPED_ATTR] == [1, 3] and frozen.user_attrs[N_DROPPED_ATTR] == 2
     assert trial_dropped(frozen) == [1, 3]
-    assert trial_worker(frozen) == "host:1"
+    assert trial_worker(frozen) == f"{socket.gethostname()}:{os.getpid()}"
     assert trial_method(frozen) == "evop"
 
 
@@ -61,7 +63,7 @@ def test_the_samplers_tag_wins_over_the_objectives_and_a_default_fills_in() -> N
     study = optuna.create_study()
     tagged, untagged = study.ask(), study.ask()
     study._storage.set_trial_system_attr(tagged._trial_id, METHOD_KEY, "sleb")
-    record_candidate(tagged, "random", "host:1")
+    record_candidate(tagged, "random")
     study.tell(tagged, 1.0)
     study.tell(untagged, 2.0)
     first, second = study.trials
