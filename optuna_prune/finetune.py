@@ -58,13 +58,7 @@ def finetune_trial(
     user attr ``"finetune"`` under ``"trial-<N>"``, and returned.
     """
     settings = settings or TrainSettings()
-    if tokens < 1:
-        raise ConfigError(f"tokens={tokens} must be >= 1; pass --tokens, e.g. 100000")
-    if eval_windows < 1 or (eval_seq_len is not None and eval_seq_len < 2):
-        raise ConfigError(
-            f"held-out perplexity needs eval_windows >= 1 and eval_seq_len >= 2 (got {eval_windows} and "
-            f"{eval_seq_len}); pass --eval-windows 1 or more and --eval-seq-len 2 or more"
-        )
+    _check_request(tokens, eval_windows, eval_seq_len)
     chosen = choose_trial(study, trial)
     dropped = list(trial_dropped(chosen))
     cfg = config_of(study)
@@ -85,15 +79,7 @@ def finetune_trial(
     held_out = list(datasets) if datasets else [cfg.calibration]
 
     def measure() -> dict[str, Any]:
-        return {
-            "calibration_perplexity": math.exp(plain_forward_loss(model, calibration, dropped)),
-            "perplexity": {
-                ds: perplexity(model, tokenizer, ds, data_dir=cfg.data_dir, seq_len=seq_len,
-                               max_windows=eval_windows, dropped=dropped,
-                               max_chars=2 * CHARS_PER_TOKEN * seq_len * eval_windows)
-                for ds in held_out
-            },
-        }
+        return _perplexities(model, tokenizer, calibration, dropped, held_out, cfg.data_dir, seq_len, eval_windows)
 
     before = measure()
     with MaskTraining(model, dropped, data, settings, keep=True) as run:
@@ -124,3 +110,29 @@ def finetune_trial(
     stored[f"trial-{chosen.number}"] = entry
     study.set_user_attr(FINETUNE_ATTR, stored)
     return entry
+
+
+def _check_request(tokens: int, eval_windows: int, eval_seq_len: int | None) -> None:
+    """Refuse, before anything loads, a training or a measurement that cannot run."""
+    if tokens < 1:
+        raise ConfigError(f"tokens={tokens} must be >= 1; pass --tokens, e.g. 100000")
+    if eval_windows < 1 or (eval_seq_len is not None and eval_seq_len < 2):
+        raise ConfigError(
+            f"held-out perplexity needs eval_windows >= 1 and eval_seq_len >= 2 (got {eval_windows} and "
+            f"{eval_seq_len}); pass --eval-windows 1 or more and --eval-seq-len 2 or more"
+        )
+
+
+def _perplexities(
+    model: Any, tokenizer: Any, calibration: Any, dropped: Sequence[int], held_out: Sequence[str],
+    data_dir: str | None, seq_len: int, windows: int,
+) -> dict[str, Any]:
+    """The masked model's calibration perplexity and its perplexity on each held-out dataset."""
+    return {
+        "calibration_perplexity": math.exp(plain_forward_loss(model, calibration, dropped)),
+        "perplexity": {
+            ds: perplexity(model, tokenizer, ds, data_dir=data_dir, seq_len=seq_len, max_windows=windows,
+                           dropped=dropped, max_chars=2 * CHARS_PER_TOKEN * seq_len * windows)
+            for ds in held_out
+        },
+    }
