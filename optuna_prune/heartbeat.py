@@ -117,7 +117,7 @@ class LeasedJournalStorage(JournalStorage, BaseHeartbeat):
 
     ``heartbeat_interval``, ``grace_period`` and ``heartbeat_stale_trial_callback`` mean what they
     mean for :class:`optuna.storages.RDBStorage`. A trial that never had a lease is never stale
-    (as on RDB, where a trial without a heartbeat never is): ``study.fail_orphaned_trials`` handles
+    (as on RDB, where a trial without a heartbeat never is): ``storage.fail_orphaned_trials`` handles
     those. Renewals closer together than half an interval are skipped, so a sampler that beats
     while it polls (every 0.5 s) does not grow the file faster than the heartbeat thread does.
     """

@@ -127,7 +127,7 @@ def _shared(storage: BaseStorage) -> bool:
     """Whether other processes may write ``storage`` (a database server, a journal file, gRPC).
 
     In-memory storage is one process's; so is SQLite, whose studies refuse a second live process
-    (``study.refuse_concurrent_sqlite``).
+    (``storage.refuse_concurrent_sqlite``).
     """
     backend = storage_backend(storage)
     if isinstance(backend, InMemoryStorage):
