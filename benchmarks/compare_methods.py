@@ -22,7 +22,8 @@ import optuna
 from optuna_prune.config import SearchConfig
 from optuna_prune.models import load_model
 from optuna_prune.perplexity import cross_domain
-from optuna_prune.study import best_by_method, run_search
+from optuna_prune.study import run_search
+from optuna_prune.summary import best_by_method
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -24,8 +24,9 @@ from pathlib import Path
 import optuna
 
 from optuna_prune.config import SearchConfig
-from optuna_prune.darwin import finetune_trial
-from optuna_prune.study import best_by_method, run_search
+from optuna_prune.finetune import finetune_trial
+from optuna_prune.study import run_search
+from optuna_prune.summary import best_by_method
 from optuna_prune.training import TrainSettings
 
 ROOT = Path(__file__).resolve().parents[1]

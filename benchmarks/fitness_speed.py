@@ -30,8 +30,9 @@ from optuna_prune.fitness import PerplexityFitness, plain_forward_loss
 from optuna_prune.layers import find_layer_stack
 from optuna_prune.models import load_model
 from optuna_prune.objective import MaskObjective
+from optuna_prune.record import STOP_ABOVE_KEY
 from optuna_prune.samplers import EvoPSampler, SLEBSampler
-from optuna_prune.space import STOP_ABOVE_KEY, LayerMaskSpace, resolve_num_drop
+from optuna_prune.space import LayerMaskSpace, resolve_num_drop
 
 ROOT = Path(__file__).resolve().parents[1]
 

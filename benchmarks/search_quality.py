@@ -51,7 +51,8 @@ from optuna_prune.layers import SubBlocks, find_layer_stack, sub_block_names
 from optuna_prune.models import load_model
 from optuna_prune.perplexity import cross_domain
 from optuna_prune.samplers import sleb_result
-from optuna_prune.study import best_by_method, run_search
+from optuna_prune.study import run_search
+from optuna_prune.summary import best_by_method
 
 ROOT = Path(__file__).resolve().parents[1]
 # label -> phases (sampler, config changes), run one after another in one study within the budget;

@@ -50,8 +50,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from optuna_prune.layers import UnsupportedModelError
     from optuna_prune.models import ModelNotFoundError
     from optuna_prune.outputs import OutputError
+    from optuna_prune.problem import StudyMismatchError
     from optuna_prune.space import SpaceError
-    from optuna_prune.study import StorageError, StudyMismatchError
+    from optuna_prune.storage import StorageError
     from optuna_prune.training import TrainingError
 
     return (
@@ -280,7 +281,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
 def cmd_studies(args: argparse.Namespace) -> None:
     import optuna
 
-    from optuna_prune.study import open_storage
+    from optuna_prune.storage import open_storage
 
     storage = open_storage(args.storage, create=False)
     rows = []
@@ -294,12 +295,12 @@ def cmd_studies(args: argparse.Namespace) -> None:
 
 
 def cmd_show(args: argparse.Namespace) -> None:
-    from optuna_prune.study import load_existing_study
+    from optuna_prune.problem import load_existing_study
 
     study = load_existing_study(args.study, args.storage)
     if args.json:
         from optuna_prune.final_pick import final_pick
-        from optuna_prune.study import best_by_method
+        from optuna_prune.summary import best_by_method
 
         print(json.dumps({"study": study.study_name, "problem": study.user_attrs.get("problem"),
                           "best_by_method": best_by_method(study), "final_pick": final_pick(study)}, indent=2))
@@ -314,8 +315,8 @@ def cmd_show(args: argparse.Namespace) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     from optuna_prune.figures import attach_figures
     from optuna_prune.outputs import check_out_file, check_writable_folder
+    from optuna_prune.problem import load_existing_study
     from optuna_prune.report import write_report
-    from optuna_prune.study import load_existing_study
 
     study = load_existing_study(args.study, args.storage)
     out = args.out or f"{study.study_name}-report.html"
@@ -329,7 +330,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from optuna_prune.export import export_trial
-    from optuna_prune.study import load_existing_study
+    from optuna_prune.problem import load_existing_study
 
     study = load_existing_study(args.study, args.storage)
     print(export_trial(study, args.trial, args.out, device=args.device, overwrite=args.overwrite, by=args.by))
@@ -339,7 +340,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from optuna_prune.downstream import DEFAULT_TASKS
     from optuna_prune.evaluation import PER_METHOD, QUICK_LIMIT, EvalSettings, evaluate_study
     from optuna_prune.figures import evaluation_rows
-    from optuna_prune.study import load_existing_study
+    from optuna_prune.problem import load_existing_study
 
     study = load_existing_study(args.study, args.storage)
     base = EvalSettings.quick() if args.quick else EvalSettings()
@@ -356,8 +357,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from optuna_prune.darwin import finetune_trial
-    from optuna_prune.study import load_existing_study
+    from optuna_prune.finetune import finetune_trial
+    from optuna_prune.problem import load_existing_study
     from optuna_prune.training import TrainSettings
 
     study = load_existing_study(args.study, args.storage)
@@ -376,7 +377,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 def cmd_fail_stale(args: argparse.Namespace) -> None:
     from optuna_prune.heartbeat import MAX_RETRY
-    from optuna_prune.study import fail_gone_trials, gone_trials, load_existing_study
+    from optuna_prune.problem import load_existing_study
+    from optuna_prune.storage import fail_gone_trials, gone_trials
 
     if not args.yes and not sys.stdin.isatty():
         raise ConfigError("fail-stale asks before it fails trials, and stdin is not a terminal: "
@@ -405,7 +407,8 @@ def cmd_dashboard(args: argparse.Namespace) -> None:
     import optuna
     from optuna_dashboard import run_server
 
-    from optuna_prune.study import name_metrics, open_storage
+    from optuna_prune.problem import name_metrics
+    from optuna_prune.storage import open_storage
 
     check_listen_address(args.host, args.port)
     storage = open_storage(args.storage, create=False)  # before announcing a URL that would not answer
@@ -443,7 +446,7 @@ def check_listen_address(host: str, port: int) -> None:
 
 
 def _print_best(study: Any) -> None:
-    from optuna_prune.study import best_by_method, running_by_method
+    from optuna_prune.summary import best_by_method, running_by_method
 
     rows = [
         (m, e["trial"], f"{e['value']:.4f}", f"{e['perplexity']:.2f}" if e.get("perplexity") else "-",
@@ -542,7 +545,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
     except BaseException as exc:
-        from optuna_prune.study import interrupted
+        from optuna_prune.storage import interrupted
 
         if interrupted(exc):  # Ctrl-C, or an error optuna raised while Ctrl-C unwound it
             print("optuna-prune: interrupted; finished trials are stored, re-run the same command to resume",

@@ -25,10 +25,18 @@ from optuna.trial import FrozenTrial
 from optuna_prune.config import ConfigError
 from optuna_prune.downstream import DEFAULT_TASKS
 from optuna_prune.export import TrialChoiceError, choose_trial, model_mask
-from optuna_prune.study import best_by_method, config_of
+from optuna_prune.problem import config_of
+from optuna_prune.record import (
+    DROPPED_ATTR,
+    EVALUATIONS_ATTR,
+    METHOD_ATTR,
+    PROBLEM_ATTR,
+    study_problem,
+    trial_dropped,
+)
+from optuna_prune.summary import best_by_method
 
 DEFAULT_DATASETS = ("wikitext2", "c4")
-EVALUATIONS_ATTR = "evaluations"
 PER_METHOD = "best-per-method"
 QUICK_LIMIT = 100
 """Items per downstream task in a quick first look (``optuna-prune evaluate --quick``)."""
@@ -78,15 +86,15 @@ def entry_key(trial: int | None) -> str:
 
 def _entry(stored: dict[str, Any], trial: FrozenTrial | None) -> dict[str, Any]:
     """The stored entry of the dense model or a trial, reset if it was made for another mask."""
-    dropped = [] if trial is None else list(trial.user_attrs["dropped"])
+    dropped = [] if trial is None else list(trial_dropped(trial))
     entry = dict(stored.get(entry_key(None if trial is None else trial.number)) or {})
-    if entry.get("dropped", dropped) != dropped:  # a study re-created under the same name
+    if entry.get(DROPPED_ATTR, dropped) != dropped:  # a study re-created under the same name
         entry = {}
-    method = None if trial is None else trial.user_attrs.get("method")
-    entry.update(
-        label="dense" if trial is None else f"{method or 'trial'} (trial {trial.number})",
-        method=method, trial=None if trial is None else trial.number, dropped=dropped,
-    )
+    method = None if trial is None else trial.user_attrs.get(METHOD_ATTR)
+    entry.update({
+        "label": "dense" if trial is None else f"{method or 'trial'} (trial {trial.number})",
+        METHOD_ATTR: method, "trial": None if trial is None else trial.number, DROPPED_ATTR: dropped,
+    })
     for part in ("perplexity", "downstream", "settings"):
         entry[part] = dict(entry.get(part) or {})
     return entry
@@ -142,7 +150,7 @@ def evaluate_study(
         for dataset in datasets:
             if dataset not in entry["perplexity"]:
                 entry["perplexity"][dataset] = perplexity(
-                    model, tokenizer, dataset, data_dir=data_dir, dropped=model_mask(study, entry["dropped"]),
+                    model, tokenizer, dataset, data_dir=data_dir, dropped=model_mask(study, entry[DROPPED_ATTR]),
                     batch_size=batch_size, progress=f"{entry['label']}: {dataset} perplexity" if progress else None,
                     **ppl_settings,
                 )
@@ -154,19 +162,19 @@ def evaluate_study(
                 print(f"{entry['label']}: {task} (task {n} of {len(todo)}, "
                       f"{'every item' if limit is None else f'first {limit} items'})", file=sys.stderr)
             entry["downstream"].update(downstream(
-                model, tokenizer, [task], limit=limit, data_dir=data_dir, dropped=model_mask(study, entry["dropped"]),
+                model, tokenizer, [task], limit=limit, data_dir=data_dir, dropped=model_mask(study, entry[DROPPED_ATTR]),
                 batch_size=batch_size, progress=progress,
             ))
             save(entry)
     if speed:
-        masks = {entry_key(e["trial"]): model_mask(study, e["dropped"]) for e in entries}
+        masks = {entry_key(e["trial"]): model_mask(study, e[DROPPED_ATTR]) for e in entries}
         _measure_speeds(model, tokenizer, entries, masks, {**settings.speed(), "device": str(model.device)}, save,
                         progress)
 
     result = {
         "study": study.study_name,
-        "problem": study.user_attrs.get("problem"),
-        "evaluations": {entry_key(e["trial"]): e for e in entries},
+        PROBLEM_ATTR: study_problem(study),
+        EVALUATIONS_ATTR: {entry_key(e["trial"]): e for e in entries},
     }
     if out_json is not None:
         Path(out_json).expanduser().parent.mkdir(parents=True, exist_ok=True)

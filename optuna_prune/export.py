@@ -16,7 +16,9 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from optuna_prune.final_pick import final_pick, picked_trial
-from optuna_prune.study import best_by_method, config_of
+from optuna_prune.problem import config_of
+from optuna_prune.record import METHOD_ATTR, PERPLEXITY_ATTR, study_problem, trial_dropped
+from optuna_prune.summary import best_by_method
 
 
 class TrialChoiceError(ValueError):
@@ -46,9 +48,9 @@ def choose_trial(study: optuna.Study, trial: int | str | None = None, by: str = 
         raise TrialChoiceError(
             f"study {study.study_name!r} has no trial {number}; its trials are numbered 0..{len(trials) - 1}"
         )
-    problem = study.user_attrs.get("problem", {})
+    problem = study_problem(study) or {}
     k = problem.get("num_drop")
-    dropped = found.user_attrs.get("dropped")
+    dropped = trial_dropped(found)
     if found.state != TrialState.COMPLETE or dropped is None or (k is not None and len(dropped) != k):
         units = {"sublayers": "blocks", "rates": "width units"}.get(problem.get("space"), "layers")
         if found.state != TrialState.COMPLETE:
@@ -74,19 +76,19 @@ def model_mask(study: optuna.Study, dropped: Sequence[int]) -> Sequence[int]:
     indices as :class:`~optuna_prune.layers.SubBlocks` in a sub-block study, else layer indices."""
     from optuna_prune.layers import SubBlocks
 
-    if study.user_attrs.get("problem", {}).get("space") == "sublayers":
+    if (study_problem(study) or {}).get("space") == "sublayers":
         return SubBlocks(dropped)
     return tuple(dropped)
 
 
 def trial_card(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
     """What a model card should say about where a mask came from and how good it was."""
-    problem = study.user_attrs.get("problem", {})
+    problem = study_problem(study) or {}
     card: dict[str, Any] = {
         "source model": problem.get("model"),
         "study": study.study_name,
         "trial": trial.number,
-        "method": trial.user_attrs.get("method"),
+        "method": trial.user_attrs.get(METHOD_ATTR),
         "sparsity": problem.get("sparsity"),
         "calibration": problem.get("calibration"),
         "calibration sha256": problem.get("calibration_sha256"),
@@ -94,8 +96,8 @@ def trial_card(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
         "fitness": problem.get("fitness"),
         "value (mean loss per token)": trial.values[0] if trial.values and len(trial.values) == 1 else trial.values,
     }
-    if trial.user_attrs.get("perplexity") is not None:
-        card["calibration perplexity"] = round(trial.user_attrs["perplexity"], 4)
+    if trial.user_attrs.get(PERPLEXITY_ATTR) is not None:
+        card["calibration perplexity"] = round(trial.user_attrs[PERPLEXITY_ATTR], 4)
     pick = final_pick(study)
     if pick is not None and pick["trial"] == trial.number:
         card["chosen by"] = (f"validation loss {pick['validation_loss']:.4f} on {pick['validation_samples']} held-out "
@@ -129,7 +131,7 @@ def export_trial(
     cfg = config_of(study)
     check_out_folder(out_dir, overwrite)  # before the model loads
     model, tokenizer = load_model(cfg.model, device=device, dtype=cfg.dtype)
-    dropped = model_mask(study, trial.user_attrs["dropped"])
+    dropped = model_mask(study, trial_dropped(trial))
     with output_folder(out_dir, overwrite) as tmp:  # written whole or not at all
         save_pruned(model, dropped, tmp, tokenizer, trial_card(study, trial))
     return Path(out_dir)

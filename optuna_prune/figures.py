@@ -25,10 +25,22 @@ from optuna.trial import FrozenTrial, TrialState
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
+from optuna_prune.budget import FINISHED
 from optuna_prune.methods import METHODS as REGISTERED
+from optuna_prune.problem import StudyMismatchError
+from optuna_prune.record import (
+    BLOCK_INFLUENCE_ATTR,
+    CCDS_ATTR,
+    DROPPED_ATTR,
+    EVALUATIONS_ATTR,
+    METHOD_ATTR,
+    study_problem,
+    trial_dropped,
+    trial_method,
+)
 from optuna_prune.samplers import EvoPSampler, trial_loss, trial_mask
-from optuna_prune.space import METHOD_KEY, LayerMaskSpace, SubBlockSpace
-from optuna_prune.study import PROBLEM_ATTR, StudyMismatchError, best_by_method
+from optuna_prune.space import LayerMaskSpace, SubBlockSpace
+from optuna_prune.summary import best_by_method
 
 METHODS = (
     "evop", "sleb", "shortgpt", "random", "tpe", "exhaustive", "levelswitch", "darwin", "selfpruner",
@@ -40,7 +52,6 @@ GENERATION_FIGURE = frozenset(m.name for m in REGISTERED.values() if m.generatio
 CAPTION_KEY = "caption"
 """``fig.layout.meta[CAPTION_KEY]``: a caption that says what this study's figure shows (the report
 prints it under the heading), for figures whose panels depend on the study."""
-_FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 _PALETTE = qualitative.D3
 
 
@@ -51,7 +62,7 @@ def method_color(method: str) -> str:
 
 
 def _problem(study: optuna.Study) -> dict[str, Any]:
-    problem = study.user_attrs.get(PROBLEM_ATTR)
+    problem = study_problem(study)
     if problem is None:
         raise StudyMismatchError(
             f"study {study.study_name!r} has no 'problem' attr: it was not created by optuna-prune"
@@ -74,12 +85,12 @@ def _unit_axis(space: LayerMaskSpace) -> dict[str, Any]:
 
 
 def _method(trial: FrozenTrial) -> str:
-    return trial.system_attrs.get(METHOD_KEY, trial.user_attrs.get("method", "unknown"))
+    return trial_method(trial, "unknown")
 
 
 def _dropped(trial: FrozenTrial, space: LayerMaskSpace) -> tuple[int, ...] | None:
     """The layers the objective actually dropped (after any repair), else the proposed mask."""
-    dropped = trial.user_attrs.get("dropped")
+    dropped = trial_dropped(trial)
     return tuple(int(i) for i in dropped) if dropped is not None else trial_mask(trial, space)
 
 
@@ -99,7 +110,7 @@ def finished_by_method(study: optuna.Study) -> dict[str, list[FrozenTrial]]:
     cost forward passes too, so they count (FAIL trials were retried and do not).
     """
     grouped: dict[str, list[FrozenTrial]] = {}
-    trials = study.get_trials(deepcopy=False, states=_FINISHED)
+    trials = study.get_trials(deepcopy=False, states=FINISHED)
     for t in sorted(trials, key=lambda t: (t.datetime_complete or datetime.max, t.number)):
         grouped.setdefault(_method(t), []).append(t)
     order = [m for m in METHODS if m in grouped] + sorted(set(grouped) - set(METHODS))
@@ -229,7 +240,7 @@ def layer_drop_heatmap(study: optuna.Study) -> go.Figure:
         coloraxis="coloraxis", xgap=1, ygap=1,
     ), row=1, col=1)
     best = best_by_method(study)
-    marks = [(i, m) for m in names if m in best for i in best[m]["dropped"] or []]
+    marks = [(i, m) for m in names if m in best for i in best[m][DROPPED_ATTR] or []]
     fig.add_trace(go.Scatter(
         x=[i for i, _ in marks], y=[m for _, m in marks], mode="markers", name="best mask",
         marker={"symbol": "x-thin", "size": 12, "line": {"width": 2, "color": "#d62728"}},
@@ -259,7 +270,7 @@ def single_drop_losses(study: optuna.Study) -> dict[int, tuple[float, bool]]:
     exactly one layer (SLEB's first greedy step). Not exact = stopped early, a lower bound."""
     space = _space(study)
     found: dict[int, tuple[float, bool]] = {}
-    for t in study.get_trials(deepcopy=False, states=_FINISHED):
+    for t in study.get_trials(deepcopy=False, states=FINISHED):
         dropped = _dropped(t, space)
         loss = trial_loss(t)
         if dropped is None or len(dropped) != 1 or loss is None:
@@ -278,7 +289,7 @@ def layer_importance(study: optuna.Study) -> go.Figure | None:
     single-layer losses from SLEB's first step); None if it has neither.
     """
     space = _space(study)
-    influence = study.user_attrs.get("block_influence")
+    influence = study.user_attrs.get(BLOCK_INFLUENCE_ATTR)
     single = single_drop_losses(study)
     panels, captions = [], []
     if influence:
@@ -322,7 +333,7 @@ def layer_importance(study: optuna.Study) -> go.Figure | None:
 def ccds_clusters(study: optuna.Study) -> go.Figure | None:
     """The CCDS clusters in the 2-D PCA projection of the chunk embeddings, one trace per cluster;
     hovering shows the chunk nearest the cluster's centre. None without CCDS."""
-    ccds = study.user_attrs.get("ccds")
+    ccds = study.user_attrs.get(CCDS_ATTR)
     if not ccds or not ccds.get("coords2d"):
         return None
     coords = np.asarray(ccds["coords2d"], dtype=float)
@@ -354,7 +365,7 @@ def _fmt(value: float | None, pattern: str) -> str:
 def evaluation_rows(study: optuna.Study) -> tuple[list[str], list[list[str]]] | None:
     """Header and formatted rows of the study's "evaluations" attr (dense first, then by trial);
     None if nothing was evaluated. Shared by :func:`results_table` and the HTML report."""
-    evaluations: dict[str, dict[str, Any]] = study.user_attrs.get("evaluations") or {}
+    evaluations: dict[str, dict[str, Any]] = study.user_attrs.get(EVALUATIONS_ATTR) or {}
     if not evaluations:
         return None
     entries = sorted(evaluations.values(), key=lambda e: (e.get("trial") is not None, e.get("trial") or 0))
@@ -369,8 +380,8 @@ def evaluation_rows(study: optuna.Study) -> tuple[list[str], list[list[str]]] | 
         ppl = e.get("perplexity") or {}
         down = e.get("downstream") or {}
         speed = e.get("speed") or {}
-        row = [str(e.get("label", "")), str(e.get("method") or "–"), _fmt(e.get("trial"), "{}"),
-               " ".join(map(str, e.get("dropped") or [])) or "none"]
+        row = [str(e.get("label", "")), str(e.get(METHOD_ATTR) or "–"), _fmt(e.get("trial"), "{}"),
+               " ".join(map(str, e.get(DROPPED_ATTR) or [])) or "none"]
         row += [_fmt(ppl.get(d), "{:.2f}") for d in datasets]
         for task in tasks:
             r = down.get(task)

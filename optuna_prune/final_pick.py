@@ -25,15 +25,13 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from optuna_prune.config import PICK_BY
+from optuna_prune.record import FINAL_PICK_KEY, study_problem, trial_dropped, trial_method
 
 if TYPE_CHECKING:
     from optuna_prune.calibration import CalibrationSet
     from optuna_prune.config import SearchConfig
 
 _logger = logging.getLogger(__name__)
-
-FINAL_PICK_KEY = "optuna_prune:final_pick"
-
 
 def search_loss(trial: FrozenTrial) -> float:
     """A trial's loss on the search windows (the mean of its objectives: one per cluster in a
@@ -44,10 +42,10 @@ def search_loss(trial: FrozenTrial) -> float:
 def top_masks(study: optuna.Study, top: int) -> list[FrozenTrial]:
     """The ``top`` distinct complete exact-k masks with the lowest search loss, each as its first
     trial with that loss, best first."""
-    k = study.user_attrs.get("problem", {}).get("num_drop")
+    k = (study_problem(study) or {}).get("num_drop")
     best: dict[tuple[int, ...], FrozenTrial] = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        dropped = t.user_attrs.get("dropped")
+        dropped = trial_dropped(t)
         if dropped is None or not t.values or (k is not None and len(dropped) != k):
             continue
         loss, mask = search_loss(t), tuple(dropped)
@@ -77,7 +75,8 @@ def pick_final(
     known: dict[tuple[int, ...], float] = {}
     if previous.get("validation_sha256") == validation.get("sha256"):
         known = {tuple(c["dropped"]): c["validation_loss"] for c in previous.get("candidates", [])}
-    todo = [tuple(t.user_attrs["dropped"]) for t in candidates if tuple(t.user_attrs["dropped"]) not in known]
+    masks = {t.number: tuple(trial_dropped(t) or ()) for t in candidates}
+    todo = [masks[t.number] for t in candidates if masks[t.number] not in known]
     if todo:
         bar = progress_bar(len(todo), "validation pick", "mask", enabled=progress)
         for mask in todo:
@@ -85,8 +84,8 @@ def pick_final(
             bar.update()
         bar.close()
     rows = [
-        {"trial": t.number, "method": t.user_attrs.get("method"), "dropped": list(t.user_attrs["dropped"]),
-         "search_loss": search_loss(t), "validation_loss": known[tuple(t.user_attrs["dropped"])]}
+        {"trial": t.number, "method": trial_method(t), "dropped": list(masks[t.number]),
+         "search_loss": search_loss(t), "validation_loss": known[masks[t.number]]}
         for t in candidates
     ]
     chosen = min(rows, key=lambda r: (r["validation_loss"], r["search_loss"], r["trial"]))

@@ -37,9 +37,8 @@ from optuna.storages._rdb import models as rdb_models
 from optuna.storages.journal import BaseJournalBackend
 from optuna.trial import FrozenTrial, TrialState
 
-LEASE_KEY = "optuna_prune:lease"
-"""Trial system attr on journal storage: when the trial's owner last renewed it (``time.time()``)."""
-FAIL_REASON = "fail_reason"  # user attr: why a trial failed, as the objective records it too
+from optuna_prune.record import FAIL_REASON, LEASE_KEY, WORKER_ATTR, trial_worker
+
 MAX_RETRY = 2  # a candidate whose worker died three times is left FAIL
 
 
@@ -80,7 +79,7 @@ class RetryStaleTrial:
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         trial = copy.deepcopy(trial)
-        trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in (FAIL_REASON, "worker")}
+        trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in (FAIL_REASON, WORKER_ATTR)}
         trial.system_attrs = {k: v for k, v in trial.system_attrs.items() if k != LEASE_KEY}
         self._retry(study, trial)
 
@@ -107,7 +106,7 @@ class HeartbeatRDBStorage(RDBStorage):
         marked = []
         for trial_id in stale:
             since = beats.get(trial_id, now)
-            worker = self.get_trial(trial_id).user_attrs.get("worker")
+            worker = trial_worker(self.get_trial(trial_id))
             if _mark(self, trial_id, stale_reason(worker, since, (now - since).total_seconds(), grace)):
                 marked.append(trial_id)
         return marked
@@ -118,7 +117,7 @@ class LeasedJournalStorage(JournalStorage, BaseHeartbeat):
 
     ``heartbeat_interval``, ``grace_period`` and ``heartbeat_stale_trial_callback`` mean what they
     mean for :class:`optuna.storages.RDBStorage`. A trial that never had a lease is never stale
-    (as on RDB, where a trial without a heartbeat never is): ``study.fail_orphaned_trials`` handles
+    (as on RDB, where a trial without a heartbeat never is): ``storage.fail_orphaned_trials`` handles
     those. Renewals closer together than half an interval are skipped, so a sampler that beats
     while it polls (every 0.5 s) does not grow the file faster than the heartbeat thread does.
     """
@@ -156,7 +155,7 @@ class LeasedJournalStorage(JournalStorage, BaseHeartbeat):
             lease = t.system_attrs.get(LEASE_KEY)
             if lease is None or now - lease <= grace:
                 continue
-            reason = stale_reason(t.user_attrs.get("worker"), datetime.fromtimestamp(lease), now - lease, grace)
+            reason = stale_reason(trial_worker(t), datetime.fromtimestamp(lease), now - lease, grace)
             if _mark(self, t._trial_id, reason):
                 stale.append(t._trial_id)
         return stale

@@ -40,7 +40,7 @@ from optuna_prune.samplers import (
     SLEBSampler,
     sleb_result,
 )
-from optuna_prune.samplers.darwin import DarwinSampler, check_survivors
+from optuna_prune.samplers.darwin import DarwinSampler, check_survivors, stage_schedule
 from optuna_prune.space import LayerMaskSpace, SubBlockSpace, resolve_num_drop
 
 if TYPE_CHECKING:
@@ -216,9 +216,6 @@ class DarwinOptions(MethodOptions):
     def check(self, cfg: SearchConfig) -> None:
         if self.fidelity:
             _check_fidelity(self.fidelity, cfg)
-        # the schedule sits with the training, on the model side (torch)
-        from optuna_prune.darwin import stage_schedule
-
         try:
             stage_schedule(self.train_tokens, cfg.seq_len, cfg.n_samples, self.fidelity)
         except ValueError as exc:
@@ -298,13 +295,15 @@ def _one_evaluation(n_trials: int | None, sampler: Sampler) -> int | None:
 
 
 def _darwin_objective(cfg: SearchConfig, fitness: Any, space: LayerMaskSpace, tokenizer: Any, inputs: Any) -> Any:
-    from optuna_prune.darwin import make_darwin_objective  # model side: training needs torch
+    from optuna_prune.darwin_objective import (
+        make_darwin_objective,  # model side: training needs torch
+    )
 
     return make_darwin_objective(cfg, fitness, space, tokenizer, inputs)
 
 
 def _darwin_inputs(cfg: SearchConfig, calibration: Any, tokenizer: Any) -> Any:
-    from optuna_prune.darwin import darwin_training_windows  # model side: needs torch
+    from optuna_prune.darwin_objective import darwin_training_windows  # model side: needs torch
 
     return darwin_training_windows(cfg, calibration, tokenizer)
 

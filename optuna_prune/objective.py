@@ -8,8 +8,6 @@ perplexity, the loss on each CCDS cluster, the cost of the evaluation, and why a
 from __future__ import annotations
 
 import math
-import os
-import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,9 +18,24 @@ import torch
 
 from optuna_prune.fitness import Fitness, FitnessResult, NonFiniteLossError
 from optuna_prune.pruners import score_in_stages
-from optuna_prune.space import ALLOW_PARTIAL_KEY, METHOD_KEY, STOP_ABOVE_KEY, LayerMaskSpace
+from optuna_prune.record import (
+    ALLOW_PARTIAL_KEY,
+    EVAL_SECONDS_ATTR,
+    FAIL_REASON,
+    INVALID_MASK_ATTR,
+    LAYER_FORWARDS_ATTR,
+    METHOD_KEY,
+    PER_CLUSTER_ATTR,
+    PER_SAMPLE_ATTR,
+    PERPLEXITY_ATTR,
+    REPAIRED_FROM_ATTR,
+    STOP_ABOVE_KEY,
+    STOPPED_EARLY_ATTR,
+    record_candidate,
+    record_dropped,
+)
+from optuna_prune.space import LayerMaskSpace
 
-WORKER = f"{socket.gethostname()}:{os.getpid()}"
 # Failures that belong to one candidate: recorded as FAIL, the study goes on.
 CANDIDATE_FAILURES: tuple[type[BaseException], ...] = (NonFiniteLossError, torch.OutOfMemoryError)
 
@@ -54,14 +67,12 @@ class MaskObjective:
         }
         system_attrs = trial.storage.get_trial_system_attrs(trial._trial_id)
         method = system_attrs.get(METHOD_KEY, self.method)
-        trial.set_user_attr("method", method)
-        trial.set_user_attr("worker", WORKER)
+        record_candidate(trial, method)
         dropped = self.space.dropped_from_params(params)
         partial = bool(system_attrs.get(ALLOW_PARTIAL_KEY)) and len(dropped) < self.space.num_drop
         if not partial and not self.space.is_valid(dropped):
             dropped = self._fix_invalid(trial, dropped)
-        trial.set_user_attr("dropped", list(dropped))
-        trial.set_user_attr("n_dropped", len(dropped))
+        record_dropped(trial, dropped)
 
         stop_above = system_attrs.get(STOP_ABOVE_KEY)
         staged = bool(self.stages)
@@ -72,14 +83,14 @@ class MaskObjective:
             else:
                 result, why = self.fitness.evaluate(dropped, stop_above=stop_above), None
         except CANDIDATE_FAILURES as exc:
-            trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
+            trial.set_user_attr(FAIL_REASON, f"{type(exc).__name__}: {exc}")
             if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
                 torch.cuda.empty_cache()
             raise
         self._record(trial, result, time.perf_counter() - start)
 
         if partial or not result.complete:
-            trial.set_user_attr("stopped_early", not result.complete)
+            trial.set_user_attr(STOPPED_EARLY_ATTR, not result.complete)
             if not staged:  # staged scoring reported already
                 trial.report(result.value, step=len(result.samples))
             raise optuna.TrialPruned(
@@ -106,24 +117,24 @@ class MaskObjective:
 
     def _fix_invalid(self, trial: optuna.Trial, dropped: tuple[int, ...]) -> tuple[int, ...]:
         if self.invalid == "reject":
-            trial.set_user_attr("invalid_mask", list(dropped))
+            trial.set_user_attr(INVALID_MASK_ATTR, list(dropped))
             raise optuna.TrialPruned(
                 f"mask drops {len(dropped)} layers, not {self.space.num_drop}: rejected"
             )
         rng = np.random.RandomState(trial.number)
         fixed = self.space.from_array(self.space.repair(self.space.to_array(dropped), rng))
-        trial.set_user_attr("repaired_from", list(dropped))
+        trial.set_user_attr(REPAIRED_FROM_ATTR, list(dropped))
         return fixed
 
     def _record(self, trial: optuna.Trial, result: FitnessResult, seconds: float) -> None:
-        trial.set_user_attr("stopped_early", not result.complete)
-        trial.set_user_attr("layer_forwards", result.layer_forwards)
-        trial.set_user_attr("eval_seconds", round(seconds, 4))
-        trial.set_user_attr("per_sample", [round(v, 6) for v in result.per_sample])
+        trial.set_user_attr(STOPPED_EARLY_ATTR, not result.complete)
+        trial.set_user_attr(LAYER_FORWARDS_ATTR, result.layer_forwards)
+        trial.set_user_attr(EVAL_SECONDS_ATTR, round(seconds, 4))
+        trial.set_user_attr(PER_SAMPLE_ATTR, [round(v, 6) for v in result.per_sample])
         if self.fitness.name == "perplexity" and result.complete:
-            trial.set_user_attr("perplexity", math.exp(result.value))
+            trial.set_user_attr(PERPLEXITY_ATTR, math.exp(result.value))
         if result.complete and self.cluster_ids is not None:
-            trial.set_user_attr("per_cluster", cluster_losses(result, self.cluster_ids))
+            trial.set_user_attr(PER_CLUSTER_ATTR, cluster_losses(result, self.cluster_ids))
 
     def _values(self, result: FitnessResult) -> float | list[float]:
         if self.mode == "mean":

@@ -12,9 +12,20 @@ import time
 import optuna
 import torch
 
-from optuna_prune.objective import CANDIDATE_FAILURES, WORKER, MaskObjective
+from optuna_prune.objective import CANDIDATE_FAILURES, MaskObjective
 from optuna_prune.rate_space import RateSpace
-from optuna_prune.space import METHOD_KEY, STOP_ABOVE_KEY
+from optuna_prune.record import (
+    FAIL_REASON,
+    INTERMEDIATE_SIZES_ATTR,
+    METHOD_KEY,
+    MLP_SPARSITY_ATTR,
+    RATES_ATTR,
+    REPAIRED_FROM_ATTR,
+    STOP_ABOVE_KEY,
+    UNITS_ATTR,
+    record_candidate,
+    record_dropped,
+)
 
 
 class RateObjective(MaskObjective):
@@ -30,28 +41,26 @@ class RateObjective(MaskObjective):
         assert isinstance(space, RateSpace)
         params = {name: trial.suggest_int(name, 0, space.max_units) for name in space.param_names}
         system_attrs = trial.storage.get_trial_system_attrs(trial._trial_id)
-        trial.set_user_attr("method", system_attrs.get(METHOD_KEY, self.method))
-        trial.set_user_attr("worker", WORKER)
+        record_candidate(trial, system_attrs.get(METHOD_KEY, self.method))
         candidate = space.dropped_from_params(params)
         if not space.is_valid(candidate):
             asked = space.units(candidate)
             candidate = self._fix_invalid(trial, candidate)
-            trial.set_user_attr("repaired_from", list(asked))
+            trial.set_user_attr(REPAIRED_FROM_ATTR, list(asked))
         units = space.units(candidate)
         sizes = [int(k.numel()) for k in self.fitness.kept(units)]
-        trial.set_user_attr("units", list(units))
-        trial.set_user_attr("rates", list(space.rates(candidate)))
-        trial.set_user_attr("intermediate_sizes", sizes)
-        trial.set_user_attr("mlp_sparsity", round(1 - sum(sizes) / sum(self.fitness.widths), 6))
-        trial.set_user_attr("dropped", [])
-        trial.set_user_attr("n_dropped", 0)
+        trial.set_user_attr(UNITS_ATTR, list(units))
+        trial.set_user_attr(RATES_ATTR, list(space.rates(candidate)))
+        trial.set_user_attr(INTERMEDIATE_SIZES_ATTR, sizes)
+        trial.set_user_attr(MLP_SPARSITY_ATTR, round(1 - sum(sizes) / sum(self.fitness.widths), 6))
+        record_dropped(trial, [])
 
         stop_above = system_attrs.get(STOP_ABOVE_KEY)
         start = time.perf_counter()
         try:
             result = self.fitness.evaluate(units, stop_above=stop_above)
         except CANDIDATE_FAILURES as exc:
-            trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
+            trial.set_user_attr(FAIL_REASON, f"{type(exc).__name__}: {exc}")
             if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
                 torch.cuda.empty_cache()
             raise

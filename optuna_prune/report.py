@@ -19,7 +19,14 @@ from optuna.trial import TrialState
 from plotly.offline import get_plotlyjs
 
 from optuna_prune.figures import CAPTION_KEY, all_figures, evaluation_rows
-from optuna_prune.study import PROBLEM_ATTR, best_by_method
+from optuna_prune.record import (
+    DROPPED_ATTR,
+    PERPLEXITY_ATTR,
+    VERSIONS_ATTR,
+    problem_units,
+    study_problem,
+)
+from optuna_prune.summary import best_by_method
 
 _NUMBER = re.compile(r"^-?[\d.]+(e-?\d+)?( ± [\d.]+)?×?$")  # right-aligned cells
 # What each figure shows, under its heading (a figure's own caption, CAPTION_KEY in its layout meta, wins).
@@ -71,17 +78,18 @@ def _is_number(cell: Any) -> bool:
 
 
 def _problem_section(study: optuna.Study) -> str:
-    p = study.user_attrs.get(PROBLEM_ATTR) or {}
+    p = study_problem(study) or {}
     counts = {s.name.lower(): 0 for s in TrialState}
     for t in study.get_trials(deepcopy=False):
         counts[t.state.name.lower()] += 1
-    versions = study.user_attrs.get("versions") or {}
+    versions = study.user_attrs.get(VERSIONS_ATTR) or {}
     sha = str(p.get("calibration_sha256") or "")
     blocks = p.get("space") == "sublayers"  # num_drop counts attention and MLP blocks
+    units = problem_units(p) if p.get("num_layers") else 0
     rows = [
         ("model", p.get("model", "–")),
         ("blocks dropped" if blocks else "layers dropped",
-         f"{p.get('num_drop')} of {int(p.get('num_layers') or 0) * (2 if blocks else 1)} "
+         f"{p.get('num_drop')} of {units} "
          f"(sparsity {100 * float(p.get('sparsity') or 0):.1f}%)"),
         ("calibration", f"{p.get('calibration')}: {p.get('n_samples')} samples × {p.get('seq_len')} tokens"
                         + (f", sha256 {sha[:12]}…" if sha else "")),
@@ -102,8 +110,8 @@ def _best_section(study: optuna.Study) -> str:
                 if len(study.directions) > 1 else "no complete trial yet")
         return f'<h2>Best mask per method</h2><p class="caption">{note}.</p>'
     rows = [
-        (m, e["trial"], f"{e['value']:.4f}", f"{e['perplexity']:.2f}" if e.get("perplexity") else "–",
-         e["evaluations"], " ".join(map(str, e["dropped"] or [])))
+        (m, e["trial"], f"{e['value']:.4f}", f"{e[PERPLEXITY_ATTR]:.2f}" if e.get(PERPLEXITY_ATTR) else "–",
+         e["evaluations"], " ".join(map(str, e[DROPPED_ATTR] or [])))
         for m, e in sorted(best.items(), key=lambda kv: kv[1]["value"])
     ]
     header = ("method", "best trial", "loss", "perplexity (calibration)", "evaluations", "dropped layers")

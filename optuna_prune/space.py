@@ -3,8 +3,8 @@
 A candidate is a set of dropped layer indices, or equivalently a boolean mask of length L. Every
 sampler proposes it as one categorical parameter per layer (``layer_07 = 1`` means "dropped"), so
 the dashboard, ``trials_dataframe`` and ``enqueue_trial`` all speak the same language.
-:class:`SubBlockSpace` does the same over the 2L attention and MLP blocks. This module also names
-the trial attributes through which samplers talk to the objective.
+:class:`SubBlockSpace` does the same over the 2L attention and MLP blocks. :func:`sampler_hints`
+reads the trial attributes (:mod:`optuna_prune.record`) through which samplers talk to the objective.
 """
 
 from __future__ import annotations
@@ -18,13 +18,7 @@ import numpy as np
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import BaseTrial, FrozenTrial
 
-# Trial system attrs shared by the samplers (which write them) and the objective (which reads them).
-METHOD_KEY = "optuna_prune:method"
-"""The method that proposed a trial ("evop", "random", "exhaustive", "sleb"), set in before_trial."""
-STOP_ABOVE_KEY = "optuna_prune:stop_above"
-"""A loss above which the candidate can no longer be selected: the objective may stop scoring."""
-ALLOW_PARTIAL_KEY = "optuna_prune:allow_partial"
-"""True when a sampler deliberately proposes fewer than k drops (SLEB's intermediate steps)."""
+from optuna_prune.record import ALLOW_PARTIAL_KEY, STOP_ABOVE_KEY
 
 
 class SpaceError(ValueError):

@@ -18,13 +18,9 @@ from pathlib import Path
 import optuna
 
 from optuna_prune.config import ConfigError, SearchConfig
-from optuna_prune.study import (
-    config_of,
-    load_existing_study,
-    prepare,
-    refuse_concurrent_sqlite,
-    run_search,
-)
+from optuna_prune.problem import config_of, load_existing_study
+from optuna_prune.storage import refuse_concurrent_sqlite
+from optuna_prune.study import prepare, run_search
 
 
 def create_study(cfg: SearchConfig, new_study: bool = False) -> optuna.Study:

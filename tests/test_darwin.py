@@ -16,9 +16,9 @@ from transformers import AutoModelForCausalLM
 
 from optuna_prune.cli import main
 from optuna_prune.config import ConfigError, SearchConfig
-from optuna_prune.darwin import FINETUNE_ATTR, STAGES_ATTR, Stage, stage_schedule
 from optuna_prune.layers import masked
-from optuna_prune.samplers.darwin import DarwinSampler, check_survivors
+from optuna_prune.record import DARWIN_STAGES_ATTR, FINETUNE_ATTR
+from optuna_prune.samplers.darwin import DarwinSampler, Stage, check_survivors, stage_schedule
 from optuna_prune.space import LayerMaskSpace, SpaceError
 from optuna_prune.study import prepare
 
@@ -141,7 +141,7 @@ def test_objective_trains_in_stages_restores_weights_and_does_not_leak(tiny_chec
     first, second = setup.study.trials
     for t in (first, second):
         assert t.state == TrialState.COMPLETE and len(t.user_attrs["dropped"]) == 3
-        stages = t.user_attrs[STAGES_ATTR]
+        stages = t.user_attrs[DARWIN_STAGES_ATTR]
         assert [s["train_tokens"] for s in stages] == [64, 128] and [s["samples"] for s in stages] == [1, 2]
         assert t.intermediate_values == {0: stages[0]["loss"], 1: stages[1]["loss"]}
         assert t.value == stages[1]["loss"] and t.user_attrs["perplexity"] == pytest.approx(math.exp(t.value))
@@ -150,7 +150,7 @@ def test_objective_trains_in_stages_restores_weights_and_does_not_leak(tiny_chec
     alone.study.enqueue_trial(space.to_params((4, 5, 6)))
     alone.study.optimize(alone.objective, n_trials=1)
     assert alone.study.trials[0].value == second.value
-    assert alone.study.trials[0].user_attrs[STAGES_ATTR] == second.user_attrs[STAGES_ATTR]
+    assert alone.study.trials[0].user_attrs[DARWIN_STAGES_ATTR] == second.user_attrs[DARWIN_STAGES_ATTR]
 
 
 def test_search_prunes_offspring_and_finetune_saves_the_trained_model(tiny_checkpoint, tmp_path) -> None:
@@ -162,7 +162,7 @@ def test_search_prunes_offspring_and_finetune_saves_the_trained_model(tiny_check
     assert all(len(t.user_attrs["dropped"]) == 3 for t in trials)
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
     assert pruned and all(list(t.intermediate_values) == [0] for t in pruned)
-    assert all(len(t.user_attrs[STAGES_ATTR]) == 1 for t in pruned)
+    assert all(len(t.user_attrs[DARWIN_STAGES_ATTR]) == 1 for t in pruned)
     assert Counter(t.system_attrs[GENERATION] for t in trials) == {0: 4, 1: 4}
 
     out = tmp_path / "trained"

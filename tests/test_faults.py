@@ -14,20 +14,16 @@ import transformers as tf
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
+from optuna_prune.budget import method_trials
 from optuna_prune.cli import main
 from optuna_prune.config import SearchConfig, load_config
 from optuna_prune.fitness import PerplexityFitness
-from optuna_prune.heartbeat import LEASE_KEY
-from optuna_prune.samplers import PARENTS_KEY, EvoPSampler
+from optuna_prune.record import LEASE_KEY, PARENTS_KEY
+from optuna_prune.samplers import EvoPSampler
 from optuna_prune.samplers.base import MaskSampler
 from optuna_prune.space import LayerMaskSpace
-from optuna_prune.study import (
-    fail_gone_trials,
-    gone_trials,
-    method_trials,
-    open_storage,
-    run_search,
-)
+from optuna_prune.storage import fail_gone_trials, gone_trials, open_storage
+from optuna_prune.study import run_search
 from optuna_prune.worker import create_study
 
 pytestmark = pytest.mark.filterwarnings("ignore")

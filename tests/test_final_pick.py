@@ -21,7 +21,8 @@ from optuna_prune.export import choose_trial, export_trial
 from optuna_prune.final_pick import final_pick, pick_final, top_masks
 from optuna_prune.fitness import plain_forward_loss
 from optuna_prune.models import load_model
-from optuna_prune.study import StudyMismatchError, run_search
+from optuna_prune.problem import StudyMismatchError
+from optuna_prune.study import run_search
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

@@ -13,14 +13,13 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from optuna_prune.config import ConfigError, SearchConfig
+from optuna_prune.record import METHOD_KEY, ORIGIN_KEY, PARENTS_KEY, STOP_ABOVE_KEY
 from optuna_prune.samplers import (
-    ORIGIN_KEY,
-    PARENTS_KEY,
     LevelSwitchSampler,
     RandomMaskSampler,
     trial_mask,
 )
-from optuna_prune.space import METHOD_KEY, STOP_ABOVE_KEY, LayerMaskSpace, SpaceError
+from optuna_prune.space import LayerMaskSpace, SpaceError
 from optuna_prune.study import make_sampler
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -175,8 +175,9 @@ def test_old_records_load_into_the_method_options() -> None:
 
 
 def test_a_study_recorded_by_the_old_config_resumes(tiny_checkpoint, tmp_path) -> None:
+    from optuna_prune.budget import method_trials
+    from optuna_prune.problem import config_of
     from optuna_prune.samplers import LevelSwitchSampler
-    from optuna_prune.study import config_of, method_trials
     from optuna_prune.worker import create_study, run_worker
 
     storage = f"sqlite:///{tmp_path / 'old.db'}"

@@ -340,8 +340,8 @@ def test_sleb_with_fidelity_ranks_candidates_within_their_step(tiny_model) -> No
     from optuna_prune.calibration import CalibrationSet
     from optuna_prune.fitness import PerplexityFitness
     from optuna_prune.objective import MaskObjective
+    from optuna_prune.record import STEP_KEY
     from optuna_prune.samplers import SLEBSampler, sleb_result
-    from optuna_prune.samplers.sleb import STEP_KEY
 
     model = tiny_model("llama", num_layers=10)
     ids = torch.randint(3, 256, (4, 32), generator=torch.Generator().manual_seed(0))

@@ -18,10 +18,13 @@ from optuna_prune import figures
 from optuna_prune.ccds import CCDSConfig, Clusters
 from optuna_prune.cli import main
 from optuna_prune.config import SearchConfig
+from optuna_prune.problem import StudyMismatchError
+from optuna_prune.record import METHOD_KEY, STEP_KEY
 from optuna_prune.report import write_report
-from optuna_prune.samplers import STEP_KEY
-from optuna_prune.space import METHOD_KEY, LayerMaskSpace
-from optuna_prune.study import StudyMismatchError, open_storage, run_search, summarise
+from optuna_prune.space import LayerMaskSpace
+from optuna_prune.storage import open_storage
+from optuna_prune.study import run_search
+from optuna_prune.summary import summarise
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

@@ -8,10 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from optuna_prune.record import ALLOW_PARTIAL_KEY, STOP_ABOVE_KEY
 from optuna_prune.samplers import operators
 from optuna_prune.space import (
-    ALLOW_PARTIAL_KEY,
-    STOP_ABOVE_KEY,
     LayerMaskSpace,
     SpaceError,
     resolve_num_drop,

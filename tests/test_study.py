@@ -18,16 +18,12 @@ from optuna.trial import TrialState
 
 from optuna_prune.cli import main
 from optuna_prune.config import SearchConfig
+from optuna_prune.problem import StudyMismatchError, open_study
+from optuna_prune.record import METHOD_KEY
 from optuna_prune.samplers import EvoPSampler
-from optuna_prune.space import METHOD_KEY
-from optuna_prune.study import (
-    StorageError,
-    StudyMismatchError,
-    best_by_method,
-    open_storage,
-    open_study,
-    run_search,
-)
+from optuna_prune.storage import StorageError, open_storage
+from optuna_prune.study import run_search
+from optuna_prune.summary import best_by_method
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

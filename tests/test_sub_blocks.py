@@ -117,8 +117,9 @@ def test_searches_export_and_evaluation_speak_sub_blocks(tiny_checkpoint, tmp_pa
     from optuna_prune.figures import all_figures
     from optuna_prune.models import load_model
     from optuna_prune.perplexity import perplexity
+    from optuna_prune.problem import StudyMismatchError
     from optuna_prune.samplers import sleb_result
-    from optuna_prune.study import StudyMismatchError, run_search
+    from optuna_prune.study import run_search
 
     storage = f"sqlite:///{tmp_path / 'blocks.db'}"
     run_search(sub_block_config(tiny_checkpoint, storage, sampler="sleb", n_trials=None), progress=False)

@@ -159,8 +159,9 @@ def test_width_fitness_scores_by_masking(tiny_model):
 def test_rates_search_end_to_end(tiny_checkpoint, tmp_path):
     """``optuna-prune search --sampler selfpruner --space rates`` on a tiny Llama with a stub LLM."""
     from optuna_prune.cli import main
+    from optuna_prune.problem import load_existing_study
     from optuna_prune.samplers import llm_stats
-    from optuna_prune.study import load_existing_study, open_storage
+    from optuna_prune.storage import open_storage
     from tests._chat_server import ChatServer
 
     def respond(body: dict) -> str:

@@ -26,10 +26,9 @@ import pytest
 from optuna.trial import TrialState
 
 from optuna_prune.cli import main
-from optuna_prune.heartbeat import LEASE_KEY
-from optuna_prune.samplers import MASK_KEY, PARENTS_KEY, EvoPSampler
-from optuna_prune.space import METHOD_KEY
-from optuna_prune.study import ConcurrentSQLiteError, open_storage
+from optuna_prune.record import LEASE_KEY, MASK_KEY, METHOD_KEY, PARENTS_KEY
+from optuna_prune.samplers import EvoPSampler
+from optuna_prune.storage import ConcurrentSQLiteError, open_storage
 from optuna_prune.worker import run_worker
 
 pytestmark = pytest.mark.filterwarnings("ignore")

@@ -5,21 +5,15 @@ All of them subclass :class:`MaskSampler`, propose exact-k masks of a
 study's storage. They use only Optuna and numpy, so they work for any exact-k subset problem.
 """
 
-from optuna_prune.samplers.base import MASK_KEY, SURPLUS_KEY, MaskSampler, trial_loss, trial_mask
-from optuna_prune.samplers.evop import ORIGIN_KEY, PARENTS_KEY, EvoPSampler
+from optuna_prune.samplers.base import MaskSampler, trial_loss, trial_mask
+from optuna_prune.samplers.evop import EvoPSampler
 from optuna_prune.samplers.exhaustive import ExhaustiveMaskSampler
 from optuna_prune.samplers.levelswitch import LevelSwitchSampler
 from optuna_prune.samplers.random_mask import RandomMaskSampler
-from optuna_prune.samplers.selfpruner import LLM_KEY, SelfPrunerSampler, llm_stats
-from optuna_prune.samplers.sleb import STEP_KEY, SLEBError, SLEBSampler, sleb_result
+from optuna_prune.samplers.selfpruner import SelfPrunerSampler, llm_stats
+from optuna_prune.samplers.sleb import SLEBError, SLEBSampler, sleb_result
 
 __all__ = [
-    "LLM_KEY",
-    "MASK_KEY",
-    "ORIGIN_KEY",
-    "PARENTS_KEY",
-    "STEP_KEY",
-    "SURPLUS_KEY",
     "EvoPSampler",
     "ExhaustiveMaskSampler",
     "LevelSwitchSampler",

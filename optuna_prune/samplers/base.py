@@ -37,16 +37,20 @@ from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
 
+from optuna_prune.record import (
+    FIXED_PARAMS_KEY,
+    MASK_KEY,
+    METHOD_KEY,
+    STOP_ABOVE_KEY,
+    STOPPED_EARLY_ATTR,
+    SURPLUS_KEY,
+    sampler_config_key,
+)
 from optuna_prune.samplers.batched_writes import set_trial_system_attrs, storage_backend
-from optuna_prune.space import METHOD_KEY, STOP_ABOVE_KEY, LayerMaskSpace, SpaceError
+from optuna_prune.space import LayerMaskSpace, SpaceError
 
 _logger = logging.getLogger(__name__)
 
-MASK_KEY = "optuna_prune:mask"
-"""Trial system attr: the dropped layers the sampler proposed (sorted list of ints)."""
-SURPLUS_KEY = "optuna_prune:surplus"
-"""Trial system attr: True on a trial asked for after the search was exhausted (see _surplus)."""
-FIXED_PARAMS_KEY = "fixed_params"  # where Optuna's enqueue_trial keeps the enqueued params
 _LONG_WAIT = 600.0  # seconds of waiting on the same trials before a warning
 _ENUMERATE_LIMIT = 100_000  # below this many masks, a random search may list the unseen ones
 _MAX_CLAIMS = 20  # proposals a trial makes while workers of other processes claim the same masks
@@ -92,7 +96,7 @@ def trial_loss(trial: FrozenTrial) -> tuple[float, bool] | None:
         return float(trial.values[0]), True
     if trial.state == TrialState.PRUNED and trial.intermediate_values:
         value = trial.intermediate_values[max(trial.intermediate_values)]
-        return float(value), trial.user_attrs.get("stopped_early") is False
+        return float(value), trial.user_attrs.get(STOPPED_EARLY_ATTR) is False
     return None
 
 
@@ -116,7 +120,7 @@ def _shared(storage: BaseStorage) -> bool:
     """Whether other processes may write ``storage`` (a database server, a journal file, gRPC).
 
     In-memory storage is one process's; so is SQLite, whose studies refuse a second live process
-    (``study.refuse_concurrent_sqlite``).
+    (``storage.refuse_concurrent_sqlite``).
     """
     backend = storage_backend(storage)
     if isinstance(backend, InMemoryStorage):
@@ -227,7 +231,7 @@ class MaskSampler(BaseSampler, abc.ABC):
     @classmethod
     def config_key(cls) -> str:
         """The study system attr holding :meth:`config` of the first run of this method."""
-        return f"optuna_prune:{cls.method}:config"
+        return sampler_config_key(cls.method)
 
     # --- Optuna sampler interface -------------------------------------------------------------
 

@@ -7,12 +7,16 @@ go on with more of both, and so on (16 -> 8 -> 4 -> 2 -> 1). The search side of 
 :class:`LevelSwitchSampler` (offspring by level switches, exact k, rounds in storage) plus a
 survivor schedule, which :meth:`DarwinSampler.pruner` turns into a
 :class:`~optuna_prune.pruners.GenerationHalvingPruner`. The training and the staged scoring are
-the objective's (:mod:`optuna_prune.darwin`); this module knows nothing of models.
+the objective's (:mod:`optuna_prune.darwin_objective`); this module knows nothing of models.
+The stage arithmetic (:func:`stage_schedule`: token budgets to training windows and sample
+counts) lives here too, so a config is checked without torch.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
 
@@ -20,6 +24,38 @@ import optuna
 
 from optuna_prune.samplers.levelswitch import LevelSwitchSampler
 from optuna_prune.space import LayerMaskSpace
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One selection stage: train on ``train_windows`` more windows, then score ``samples`` samples."""
+
+    train_windows: int
+    samples: int
+
+def stage_schedule(
+    train_tokens: Sequence[int], seq_len: int, n_samples: int, samples: Sequence[int] = ()
+) -> tuple[Stage, ...]:
+    """Stages from token budgets (rounded up to whole windows of ``seq_len``).
+
+    ``samples`` gives the calibration samples scored after each stage but the last (the last
+    scores all ``n_samples``); by default they double up to all of them (e.g. 1, 2, 4).
+    """
+    n = len(train_tokens)
+    if n < 1 or any(t < 0 for t in train_tokens):
+        raise ValueError(f"train_tokens {list(train_tokens)} must be one or more counts >= 0")
+    if samples:
+        if len(samples) != n - 1:
+            raise ValueError(
+                f"{len(samples)} stage sample counts for {n} training stages: give one per stage "
+                f"but the last ({n - 1})"
+            )
+        counts = [int(s) for s in samples] + [n_samples]
+    else:
+        counts = [max(1, math.ceil(n_samples / 2 ** (n - 1 - s))) for s in range(n)]
+    if any(c < 1 for c in counts) or any(b < a for a, b in pairwise(counts)) or counts[-1] > n_samples:
+        raise ValueError(f"stage sample counts {counts} must be non-decreasing in 1..{n_samples}")
+    return tuple(Stage(math.ceil(t / seq_len), c) for t, c in zip(train_tokens, counts, strict=True))
 
 
 def check_survivors(survivors: Sequence[int]) -> tuple[int, ...]:

@@ -30,16 +30,13 @@ from optuna.study import Study, StudyDirection
 from optuna.study._constrained_optimization import _is_constrained_optimization
 from optuna.trial import FrozenTrial, TrialState
 
+from optuna_prune.record import METHOD_KEY, ORIGIN_KEY, PARENTS_KEY, STOP_ABOVE_KEY
 from optuna_prune.samplers.base import MaskSampler, Proposal, Wait, trial_loss, trial_mask
 from optuna_prune.samplers.operators import CROSSOVERS, bit_flip_mutation, swap_mutation
-from optuna_prune.space import METHOD_KEY, STOP_ABOVE_KEY, LayerMaskSpace
+from optuna_prune.space import LayerMaskSpace
 
 _logger = logging.getLogger(__name__)
 
-PARENTS_KEY = "optuna_prune:parents"
-"""Trial system attr: numbers of the two trials an offspring was bred from."""
-ORIGIN_KEY = "optuna_prune:origin"
-"""Trial system attr: "seed" (enqueued), "random" (generation 0), "offspring" or "fallback"."""
 
 
 class EvoPSampler(MaskSampler, BaseGASampler):

@@ -37,14 +37,13 @@ from optuna.study import Study
 from optuna.trial import FrozenTrial
 
 from optuna_prune.rate_space import RateSpace
+from optuna_prune.record import LLM_KEY, ORIGIN_KEY, PARENTS_KEY
 from optuna_prune.samplers.base import Proposal, Wait, trial_loss, trial_mask
-from optuna_prune.samplers.evop import ORIGIN_KEY, PARENTS_KEY, EvoPSampler
+from optuna_prune.samplers.evop import EvoPSampler
 from optuna_prune.space import LayerMaskSpace
 
 _logger = logging.getLogger(__name__)
 
-LLM_KEY = "optuna_prune:llm"
-"""Trial system attr: {"outcome", "attempts", "answer"}: what the LLM said for this trial."""
 COUNTER_PREFIX = "SelfPrunerSampler:"
 """Study system attrs ``SelfPrunerSampler:llm_<outcome>`` count the LLM's outcomes."""
 OUTCOMES = ("ok", "repaired", "unparseable", "duplicate", "error")

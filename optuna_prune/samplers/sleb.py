@@ -18,6 +18,7 @@ from typing import Any
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from optuna_prune.record import ALLOW_PARTIAL_KEY, METHOD_KEY, STEP_KEY, STOP_ABOVE_KEY
 from optuna_prune.samplers.base import (
     MaskSampler,
     Proposal,
@@ -26,12 +27,10 @@ from optuna_prune.samplers.base import (
     trial_loss,
     trial_mask,
 )
-from optuna_prune.space import ALLOW_PARTIAL_KEY, METHOD_KEY, STOP_ABOVE_KEY, LayerMaskSpace
+from optuna_prune.space import LayerMaskSpace
 
 _logger = logging.getLogger(__name__)
 
-STEP_KEY = "optuna_prune:sleb_step"
-"""Trial system attr: the greedy step (0-based) a SLEB candidate belongs to."""
 
 
 class SLEBError(RuntimeError):
