@@ -39,23 +39,14 @@ FLOORS: dict[str, str] = {
     "fitness": "model", "importance": "model", "models": "model", "width": "model", "training": "model",
     "perplexity": "model", "downstream": "model", "speed": "model", "llm": "model", "tasks": "model",
     "space": "search", "rate_space": "search", "samplers": "search", "pruners": "search", "subset": "search",
-    "objective": "glue", "rate_objective": "glue", "config": "glue", "darwin": "glue", "study": "glue",
+    "objective": "glue", "rate_objective": "glue", "config": "glue", "study": "glue",
     "worker": "glue", "heartbeat": "glue",
-    # study.py's split and the method registry (issue 14), glue once they exist.
-    "storage": "glue", "problem": "glue", "budget": "glue", "record": "glue", "methods": "glue",
-    "evaluation": "readers", "export": "readers", "figures": "readers", "report": "readers",
+    "storage": "glue", "problem": "glue", "budget": "glue", "summary": "glue", "methods": "glue",
+    "darwin_objective": "glue", "final_pick": "glue",
+    "record": "search",  # every key of the study record: optuna only, the samplers write them too
+    "evaluation": "readers", "export": "readers", "finetune": "readers", "figures": "readers", "report": "readers",
     "cli": "top",
 }  # fmt: skip
-
-# Edges that make today's one circle (config -> darwin -> study -> config, with export) or go up a
-# floor. The method registry and the split of study.py and darwin.py (issue 14) remove them; delete
-# each entry here when its edge is gone (test_known_edges_still_exist says which).
-KNOWN_TO_REMOVE: set[tuple[str, str]] = {
-    # darwin.finetune_trial, a user command, reads the study's config and picks its trial
-    # through export: it goes up to the readers' floor.
-    ("darwin", "study"),
-    ("darwin", "export"),
-}
 
 # Third-party packages worth deferring into a function: the llm extra and the other optional or
 # slow-to-import ones. Any other import inside a function hides a dependency (or a circle).
@@ -287,20 +278,14 @@ def test_every_module_has_a_floor():
 
 
 def test_no_import_circles():
-    found = circles(_without(import_graph(package_imports()), KNOWN_TO_REMOVE))
+    found = circles(import_graph(package_imports()))
     assert not found, "import circles: " + "; ".join(_describe(c) for c in found)
 
 
 def test_no_import_goes_up_a_floor_or_across_the_sides():
-    found = [e for e in wrong_way(import_graph(package_imports())) if e not in KNOWN_TO_REMOVE]
+    found = wrong_way(import_graph(package_imports()))
     named = [f"{a} ({floor_of(a)}) -> {b} ({floor_of(b)})" for a, b in found]
     assert not named, f"imports against the floors: {named}; move the shared piece down a floor"
-
-
-def test_known_edges_still_exist():
-    graph = import_graph(package_imports())
-    gone = sorted(e for e in KNOWN_TO_REMOVE if e[1] not in graph.get(e[0], ()))
-    assert not gone, f"no longer imported: {gone}; delete them from KNOWN_TO_REMOVE"
 
 
 def test_model_side_imports_no_optuna():
