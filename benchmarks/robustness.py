@@ -165,7 +165,8 @@ def main() -> None:
                 study=f"rb-{sparsity}-draw{draw}-{datetime.now():%m%d%H%M%S}",
             )
             budget = None
-            for label in methods:
+            # SLEB first (its time is the budget), then the methods under test, then the slower baselines.
+            for label in sorted(methods, key=lambda m: (m != "sleb", m in BASELINES)):
                 if (reused := done.get((sparsity, draw, label))) is not None:
                     budget = reused["search_seconds"] if label == "sleb" else budget
                     continue
