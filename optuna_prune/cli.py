@@ -22,6 +22,7 @@ from optuna_prune.config import (
     load_config,
 )
 from optuna_prune.methods import METHODS, SPACES, option_help, option_types, seeders
+from optuna_prune.record import CONFIG_ATTR, study_problem, trial_worker
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -265,7 +266,7 @@ def cmd_create(args: argparse.Namespace) -> None:
     from optuna_prune.worker import create_study
 
     study = create_study(search_config(args), new_study=args.new_study)
-    storage = args.storage or study.user_attrs["config"].get("storage") or DEFAULT_STORAGE
+    storage = args.storage or study.user_attrs[CONFIG_ATTR].get("storage") or DEFAULT_STORAGE
     print(f"study {study.study_name!r} is ready; start workers with: "
           f"optuna-prune worker --storage {storage} --study {study.study_name}")
 
@@ -286,7 +287,7 @@ def cmd_studies(args: argparse.Namespace) -> None:
     storage = open_storage(args.storage, create=False)
     rows = []
     for s in optuna.get_all_study_summaries(storage):
-        problem = s.user_attrs.get("problem", {})
+        problem = study_problem(s) or {}
         best = s.best_trial.values if s.best_trial is not None else None
         rows.append((s.study_name, s.n_trials, problem.get("model", "-"),
                      f"{problem.get('num_drop', '-')}/{problem.get('num_layers', '-')}",
@@ -302,10 +303,10 @@ def cmd_show(args: argparse.Namespace) -> None:
         from optuna_prune.final_pick import final_pick
         from optuna_prune.summary import best_by_method
 
-        print(json.dumps({"study": study.study_name, "problem": study.user_attrs.get("problem"),
+        print(json.dumps({"study": study.study_name, "problem": study_problem(study),
                           "best_by_method": best_by_method(study), "final_pick": final_pick(study)}, indent=2))
         return
-    problem = study.user_attrs.get("problem", {})
+    problem = study_problem(study) or {}
     print(f"study {study.study_name}: {problem.get('model')} drop {problem.get('num_drop')} of "
           f"{problem.get('num_layers')} layers, calibration {problem.get('calibration')}, "
           f"fitness {problem.get('fitness')}")
@@ -388,7 +389,7 @@ def cmd_fail_stale(args: argparse.Namespace) -> None:
     if not gone:
         print(f"no RUNNING trial of study {study.study_name!r} has a gone worker; nothing to do")
         return
-    _table(("trial", "worker", "why"), [(t.number, t.user_attrs.get("worker", "-"), why) for t, why in gone])
+    _table(("trial", "worker", "why"), [(t.number, trial_worker(t) or "-", why) for t, why in gone])
     if not args.yes:
         try:
             answer = input(f"Fail these {len(gone)} trials and re-queue their candidates? [y/N] ")

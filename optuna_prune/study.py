@@ -27,23 +27,29 @@ from optuna_prune.problem import (
     check_resume,
     default_study_name,
     free_study_name,
+    open_or_create_study,
     problem_of,
     require_problem,
 )
-from optuna_prune.problem import open_or_create_study as _open_or_create
-from optuna_prune.record import FAIL_REASON
+from optuna_prune.record import (
+    BLOCK_INFLUENCE_ATTR,
+    CCDS_ATTR,
+    CONFIG_ATTR,
+    FAIL_REASON,
+    SEEDED_FROM_ATTR,
+)
 from optuna_prune.samplers import trial_mask
 from optuna_prune.samplers.base import storage_backend
 from optuna_prune.space import LayerMaskSpace, SpaceError
-from optuna_prune.storage import OwnTrials as _OwnTrials
 from optuna_prune.storage import (
+    OwnTrials,
     StorageError,
     fail_own_running_trials,
     interrupted,
     open_storage,
     storage_file,
+    taken_trial,
 )
-from optuna_prune.storage import taken_trial as _taken_trial
 from optuna_prune.summary import summarise
 
 _logger = logging.getLogger(__name__)
@@ -212,7 +218,7 @@ def prepare(cfg: SearchConfig, new_study: bool = False, record_config: bool = Tr
             check_resume(cfg, existing, sampler)  # before opening it fails orphaned trials
         elif (missing := missing_run(cfg, None)) is not None:
             raise missing_run_error(missing)
-        study, created = _open_or_create(storage, name, problem, ["minimize"] * n_objectives, sampler, new_study, pruner)
+        study, created = open_or_create_study(storage, name, problem, ["minimize"] * n_objectives, sampler, new_study, pruner)
         if not created:
             check_resume(cfg, study, sampler)  # a process started with this one may have made it
     except BaseException:
@@ -285,9 +291,9 @@ def _set_up(
     method, units = cfg.method, space_of(cfg.space)
     if record_config:  # a search or create; a worker joins a study whose k was announced when it was made
         announce_plan(cfg, space)
-        study.set_user_attr("config", cfg.replace(study=study.study_name).to_dict())
+        study.set_user_attr(CONFIG_ATTR, cfg.replace(study=study.study_name).to_dict())
     if calibration.clusters is not None:
-        study.set_user_attr("ccds", calibration.clusters)
+        study.set_user_attr(CCDS_ATTR, calibration.clusters)
     fitness = units.fitness(cfg, model, calibration)
     if method.objective is not None:
         objective = method.objective(cfg, fitness, space, tokenizer, inputs)
@@ -305,7 +311,7 @@ def _set_up(
         from optuna_prune.importance import block_influence  # model side (torch)
 
         influence = block_influence(fitness)
-        study.set_user_attr("block_influence", [round(v, 6) for v in influence])
+        study.set_user_attr(BLOCK_INFLUENCE_ATTR, [round(v, 6) for v in influence])
     seeds: dict[str, tuple[int, ...]] = {}
     for origin, seeder in seeders:
         found = seeder.seed(study, influence, space.num_drop)
@@ -316,7 +322,7 @@ def _set_up(
     waiting = {trial_mask(t, space) for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
     for origin, dropped in seeds.items():
         if dropped not in own and dropped not in waiting:
-            attrs = {"seeded_from": origin.split(":", 1)[1]} if origin.startswith("seed:") else {}
+            attrs = {SEEDED_FROM_ATTR: origin.split(":", 1)[1]} if origin.startswith("seed:") else {}
             study.enqueue_trial(space.to_params(dropped), user_attrs=attrs)
     return SearchSetup(
         study, objective, budget, CANDIDATE_FAILURES, model, tokenizer, calibration, fitness, space
@@ -342,7 +348,7 @@ def run_search(
     if on_study is not None:
         on_study(study)
     budget = setup.budget
-    own = _OwnTrials(setup.objective if budget is None else budget.guard(setup.objective))
+    own = OwnTrials(setup.objective if budget is None else budget.guard(setup.objective))
     shown: SearchProgress | None = None
     started, rounds = time.monotonic(), 0
     try:
@@ -376,7 +382,7 @@ def run_search(
                 if interrupted(exc):
                     fail_own_running_trials(study)
                     raise
-                taken = _taken_trial(study, exc, own)
+                taken = taken_trial(study, exc, own)
                 if taken is None:
                     raise
                 _logger.warning(
