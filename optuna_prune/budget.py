@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import optuna
 from optuna.exceptions import ExperimentalWarning
-from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import TrialState
 
+from optuna_prune import compat
 from optuna_prune.progress import progress_bar
 from optuna_prune.record import FAIL_REASON, trial_method
 
@@ -65,7 +65,7 @@ class MethodBudget:
                 return False
             if len(counted) < self.n_trials:
                 return True
-            if not is_heartbeat_enabled(study._storage):
+            if not compat.is_heartbeat_enabled(compat.study_storage(study)):
                 return False  # dead workers cannot be told from slow ones: leave the rest to them
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ExperimentalWarning)

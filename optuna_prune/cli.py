@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from optuna_prune import compat
 from optuna_prune.config import (
     DEFAULT_STORAGE,
     PICK_BY,
@@ -499,7 +500,7 @@ def _quiet_libraries() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar shows each trial
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    trial_log = logging.getLogger("optuna.study._optimize")
+    trial_log = logging.getLogger(compat.OPTIMIZE_LOGGER)
     if not any(isinstance(f, _TrialFailureLines) for f in trial_log.filters):
         trial_log.addFilter(_TrialFailureLines())
 

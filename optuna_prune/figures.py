@@ -25,6 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
+from optuna_prune import compat
 from optuna_prune.budget import FINISHED
 from optuna_prune.methods import METHODS as REGISTERED
 from optuna_prune.problem import StudyMismatchError
@@ -46,7 +47,7 @@ METHODS = (
     "evop", "sleb", "shortgpt", "random", "tpe", "exhaustive", "levelswitch", "darwin", "selfpruner",
 )
 """Known methods, in the order figures list them (others follow alphabetically)."""
-GENERATION_KEY = EvoPSampler._get_generation_key()
+GENERATION_KEY = compat.generation_key(EvoPSampler)
 GENERATION_FIGURE = frozenset(m.name for m in REGISTERED.values() if m.generations_figure)
 """The methods whose generations the layer-drop figure shows (one method's, so they do not mix)."""
 CAPTION_KEY = "caption"

@@ -24,6 +24,7 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from optuna_prune import compat
 from optuna_prune.config import PICK_BY
 from optuna_prune.record import FINAL_PICK_KEY, study_problem, trial_dropped, trial_method
 
@@ -93,7 +94,7 @@ def pick_final(
         **chosen, "top": top, "validation_samples": validation.get("n_samples"),
         "validation_sha256": validation.get("sha256"), "candidates": rows,
     }
-    study._storage.set_study_system_attr(study._study_id, FINAL_PICK_KEY, record)
+    compat.study_storage(study).set_study_system_attr(compat.study_id(study), FINAL_PICK_KEY, record)
     _logger.info("final pick by validation loss: trial %d (%s) of the top %d masks, validation %.4f, search %.4f",
                  chosen["trial"], chosen["method"], len(rows), chosen["validation_loss"], chosen["search_loss"])
     return record
@@ -125,7 +126,7 @@ def pick_on_validation(
 def final_pick(study: optuna.Study) -> dict[str, Any] | None:
     """The study's recorded final pick (trial, method, dropped, both losses, the candidates), or None
     when it has no validation split or no complete mask yet."""
-    return study._storage.get_study_system_attrs(study._study_id).get(FINAL_PICK_KEY)
+    return compat.study_storage(study).get_study_system_attrs(compat.study_id(study)).get(FINAL_PICK_KEY)
 
 
 def picked_trial(study: optuna.Study, by: str = "validation") -> int | None:

@@ -32,11 +32,10 @@ import optuna
 import sqlalchemy
 from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.storages._heartbeat import BaseHeartbeat
-from optuna.storages._rdb import models as rdb_models
 from optuna.storages.journal import BaseJournalBackend
 from optuna.trial import FrozenTrial, TrialState
 
+from optuna_prune import compat
 from optuna_prune.record import FAIL_REASON, LEASE_KEY, WORKER_ATTR, trial_worker
 
 MAX_RETRY = 2  # a candidate whose worker died three times is left FAIL
@@ -95,7 +94,7 @@ class HeartbeatRDBStorage(RDBStorage):
         stale = super()._get_stale_trial_ids(study_id)
         if not stale:
             return stale
-        beat = rdb_models.TrialHeartbeatModel
+        beat = compat.rdb_models().TrialHeartbeatModel
         with self.engine.connect() as conn:
             now = conn.execute(sqlalchemy.select(sqlalchemy.func.now())).scalar()
             now = now.replace(tzinfo=None)  # as optuna does: PostgreSQL's now() carries a zone
@@ -112,7 +111,7 @@ class HeartbeatRDBStorage(RDBStorage):
         return marked
 
 
-class LeasedJournalStorage(JournalStorage, BaseHeartbeat):
+class LeasedJournalStorage(JournalStorage, compat.BaseHeartbeat):
     """A journal storage with optuna's heartbeats: each heartbeat renews the trial's lease.
 
     ``heartbeat_interval``, ``grace_period`` and ``heartbeat_stale_trial_callback`` mean what they
@@ -156,8 +155,8 @@ class LeasedJournalStorage(JournalStorage, BaseHeartbeat):
             if lease is None or now - lease <= grace:
                 continue
             reason = stale_reason(trial_worker(t), datetime.fromtimestamp(lease), now - lease, grace)
-            if _mark(self, t._trial_id, reason):
-                stale.append(t._trial_id)
+            if _mark(self, compat.trial_id(t), reason):
+                stale.append(compat.trial_id(t))
         return stale
 
     def get_heartbeat_interval(self) -> int | None:

@@ -16,6 +16,7 @@ import numpy as np
 import optuna
 import torch
 
+from optuna_prune import compat
 from optuna_prune.fitness import Fitness, FitnessResult, NonFiniteLossError
 from optuna_prune.pruners import score_in_stages
 from optuna_prune.record import (
@@ -65,7 +66,7 @@ class MaskObjective:
         params = {
             name: trial.suggest_categorical(name, [0, 1]) for name in self.space.param_names
         }
-        system_attrs = trial.storage.get_trial_system_attrs(trial._trial_id)
+        system_attrs = trial.storage.get_trial_system_attrs(compat.trial_id(trial))
         method = system_attrs.get(METHOD_KEY, self.method)
         record_candidate(trial, method)
         dropped = self.space.dropped_from_params(params)

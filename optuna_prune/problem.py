@@ -15,9 +15,8 @@ from typing import Any
 
 import optuna
 from optuna.exceptions import ExperimentalWarning
-from optuna.storages._rdb import models as rdb_models
 
-from optuna_prune import __version__
+from optuna_prune import __version__, compat
 from optuna_prune.config import DEFAULT_STORAGE, ConfigError, SearchConfig, from_record
 from optuna_prune.methods import missing_run, missing_run_error
 from optuna_prune.record import (
@@ -169,11 +168,11 @@ def open_or_create_study(
 
 def check_study_name(name: str) -> None:
     """ConfigError unless ``name`` fits every storage (RDB storages index 512 characters)."""
-    if not name.strip() or len(name) > rdb_models.MAX_INDEXED_STRING_LENGTH:
+    if not name.strip() or len(name) > compat.rdb_models().MAX_INDEXED_STRING_LENGTH:
         raise ConfigError(
             f"study name of {len(name)} characters {name[:40]!r}{'...' if len(name) > 40 else ''} is "
             f"{'empty' if not name.strip() else 'too long'}; pass a --study name of 1 to "
-            f"{rdb_models.MAX_INDEXED_STRING_LENGTH} characters"
+            f"{compat.rdb_models().MAX_INDEXED_STRING_LENGTH} characters"
         )
 
 

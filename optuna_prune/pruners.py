@@ -31,10 +31,10 @@ from typing import Generic, Protocol, TypeVar
 
 import optuna
 from optuna.pruners import BasePruner
-from optuna.samplers._ga import BaseGASampler
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from optuna_prune import compat
 from optuna_prune.samplers.evop import EvoPSampler
 from optuna_prune.samplers.sleb import SLEBSampler
 
@@ -142,7 +142,7 @@ class GenerationHalvingPruner(BasePruner):
 
     def __init__(
         self,
-        sampler: BaseGASampler | type[BaseGASampler] | type[SLEBSampler] | SLEBSampler = EvoPSampler,
+        sampler: compat.BaseGASampler | type[compat.BaseGASampler] | type[SLEBSampler] | SLEBSampler = EvoPSampler,
         *,
         keep: float | Sequence[float] = 0.5,
         min_peers: int = 3,
@@ -155,8 +155,8 @@ class GenerationHalvingPruner(BasePruner):
             raise ValueError(f"min_peers={min_peers!r} must be an integer >= 0")
         if with_parents is None:
             with_parents = hasattr(sampler, "_get_parent_cache_key_prefix")
-        self._generation_key = sampler._get_generation_key()
-        self._parent_prefix = sampler._get_parent_cache_key_prefix() if with_parents else ""
+        self._generation_key = compat.generation_key(sampler)
+        self._parent_prefix = compat.parent_cache_key_prefix(sampler) if with_parents else ""
         self._keep = fractions
         self._min_peers = min_peers
         self._with_parents = with_parents
@@ -181,8 +181,8 @@ class GenerationHalvingPruner(BasePruner):
         return better >= max(1, math.ceil(round(keep * (len(values) + 1), 9)))
 
     def _peers(self, study: Study, trial: FrozenTrial, generation: int) -> list[FrozenTrial]:
-        storage = study._storage
-        trials = storage.get_all_trials(study._study_id, deepcopy=False)
+        storage = compat.study_storage(study)
+        trials = storage.get_all_trials(compat.study_id(study), deepcopy=False)
         peers = [
             t
             for t in trials
@@ -191,7 +191,7 @@ class GenerationHalvingPruner(BasePruner):
             and t.system_attrs.get(self._generation_key) == generation
         ]
         if self._with_parents:
-            attrs = storage.get_study_system_attrs(study._study_id)
+            attrs = storage.get_study_system_attrs(compat.study_id(study))
             parent_ids = set(attrs.get(f"{self._parent_prefix}{generation}", ()))
-            peers += [t for t in trials if t._trial_id in parent_ids]
+            peers += [t for t in trials if compat.trial_id(t) in parent_ids]
         return peers

@@ -12,6 +12,7 @@ import time
 import optuna
 import torch
 
+from optuna_prune import compat
 from optuna_prune.objective import CANDIDATE_FAILURES, MaskObjective
 from optuna_prune.rate_space import RateSpace
 from optuna_prune.record import (
@@ -40,7 +41,7 @@ class RateObjective(MaskObjective):
         space = self.space
         assert isinstance(space, RateSpace)
         params = {name: trial.suggest_int(name, 0, space.max_units) for name in space.param_names}
-        system_attrs = trial.storage.get_trial_system_attrs(trial._trial_id)
+        system_attrs = trial.storage.get_trial_system_attrs(compat.trial_id(trial))
         record_candidate(trial, system_attrs.get(METHOD_KEY, self.method))
         candidate = space.dropped_from_params(params)
         if not space.is_valid(candidate):

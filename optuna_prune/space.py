@@ -18,6 +18,7 @@ import numpy as np
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import BaseTrial, FrozenTrial
 
+from optuna_prune import compat
 from optuna_prune.record import ALLOW_PARTIAL_KEY, STOP_ABOVE_KEY
 
 
@@ -287,7 +288,7 @@ def sampler_hints(trial: BaseTrial) -> SamplerHints:
     if isinstance(trial, FrozenTrial):
         attrs = trial.system_attrs
     else:
-        attrs = trial.storage.get_trial_system_attrs(trial._trial_id)  # type: ignore[attr-defined]
+        attrs = trial.storage.get_trial_system_attrs(compat.trial_id(trial))  # type: ignore[attr-defined]
     stop = attrs.get(STOP_ABOVE_KEY)
     return SamplerHints(
         stop_above=None if stop is None else float(stop),

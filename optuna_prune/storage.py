@@ -22,11 +22,10 @@ import sqlalchemy
 import sqlalchemy.exc
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import RDBStorage
-from optuna.storages._heartbeat import is_heartbeat_enabled
-from optuna.storages._rdb import models as rdb_models
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
+from optuna_prune import compat
 from optuna_prune.config import DEFAULT_STORAGE
 from optuna_prune.heartbeat import (
     HeartbeatRDBStorage,
@@ -36,7 +35,6 @@ from optuna_prune.heartbeat import (
     stale_reason,
 )
 from optuna_prune.record import CONFIG_ATTR, FAIL_REASON, LEASE_KEY, WORKER, trial_worker
-from optuna_prune.samplers.base import storage_backend
 
 
 class StorageError(ValueError):
@@ -139,7 +137,7 @@ def refuse_concurrent_sqlite(study: optuna.Study) -> None:
     grace = grace_of(storage)
 
     def snapshot() -> tuple[list[optuna.trial.FrozenTrial], dict[int, tuple[Any, float]]]:
-        return storage.get_all_trials(study._study_id), _running_heartbeats(storage, study._study_id)
+        return storage.get_all_trials(compat.study_id(study)), _running_heartbeats(storage, compat.study_id(study))
 
     def active(t: optuna.trial.FrozenTrial) -> bool:
         if t.number in beats:
@@ -183,10 +181,10 @@ def fail_orphaned_trials(study: optuna.Study) -> None:
         if t.number in beats or t.datetime_start is None:
             continue
         if (now - t.datetime_start).total_seconds() > grace:
-            study._storage.set_trial_user_attr(
-                t._trial_id, FAIL_REASON, "orphaned: its process died before its first heartbeat"
+            compat.study_storage(study).set_trial_user_attr(
+                compat.trial_id(t), FAIL_REASON, "orphaned: its process died before its first heartbeat"
             )
-            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            compat.study_storage(study).set_trial_state_values(compat.trial_id(t), TrialState.FAIL)
 
 
 def gone_trials(study: optuna.Study, grace: float | None = None) -> list[tuple[optuna.trial.FrozenTrial, str]]:
@@ -201,11 +199,11 @@ def gone_trials(study: optuna.Study, grace: float | None = None) -> list[tuple[o
     """
     if grace is None:
         heartbeat = (study.user_attrs.get(CONFIG_ATTR) or {}).get("heartbeat")
-        backend = storage_backend(study._storage)
+        backend = compat.unwrap_storage(compat.study_storage(study))
         if heartbeat:
             grace = 3.0 * heartbeat  # as open_storage gives the workers
         else:
-            grace = grace_of(backend) if is_heartbeat_enabled(backend) else 60.0  # open_storage's default
+            grace = grace_of(backend) if compat.is_heartbeat_enabled(backend) else 60.0  # open_storage's default
     beats = _last_heartbeats(study)
     me, now = f"{socket.gethostname()}:{os.getpid()}", datetime.now()
     gone = []
@@ -230,18 +228,18 @@ def fail_gone_trials(
     re-queue each the way a stale heartbeat's trial is (same params and system attrs, so the same
     mask and generation). A trial that finished meanwhile is left alone. Returns the failed trials.
     """
-    storage = study._storage
-    backend = storage_backend(storage)
-    retry = (backend.get_heartbeat_stale_trial_callback() if is_heartbeat_enabled(backend) else None) or RetryStaleTrial()
+    storage = compat.study_storage(study)
+    backend = compat.unwrap_storage(storage)
+    retry = (backend.get_heartbeat_stale_trial_callback() if compat.is_heartbeat_enabled(backend) else None) or RetryStaleTrial()
     failed = []
     for trial, reason in gone_trials(study) if gone is None else gone:
         try:
-            storage.set_trial_user_attr(trial._trial_id, FAIL_REASON, reason)
-            if not storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+            storage.set_trial_user_attr(compat.trial_id(trial), FAIL_REASON, reason)
+            if not storage.set_trial_state_values(compat.trial_id(trial), TrialState.FAIL):
                 continue
         except UpdateFinishedTrialError:  # its worker was alive after all, or another process failed it
             continue
-        frozen = storage.get_trial(trial._trial_id)
+        frozen = storage.get_trial(compat.trial_id(trial))
         retry(study, frozen)
         failed.append(frozen)
     return failed
@@ -249,8 +247,8 @@ def fail_gone_trials(
 
 def _beating(study: optuna.Study) -> Any:
     """The study's storage (unwrapped from optuna's cache) if it records heartbeats, else None."""
-    storage = storage_backend(study._storage)
-    return storage if is_heartbeat_enabled(storage) else None
+    storage = compat.unwrap_storage(compat.study_storage(study))
+    return storage if compat.is_heartbeat_enabled(storage) else None
 
 
 def _beating_rdb(study: optuna.Study) -> RDBStorage | None:
@@ -265,9 +263,9 @@ def _last_heartbeats(study: optuna.Study) -> dict[int, tuple[datetime, float]]:
     On RDB, both come from the database server's clock (as optuna's stale check); on a journal
     file, the lease holds the renewing process's wall-clock time, compared with this one's.
     """
-    storage = storage_backend(study._storage)
+    storage = compat.unwrap_storage(compat.study_storage(study))
     if isinstance(storage, RDBStorage):
-        return _running_heartbeats(storage, study._study_id)
+        return _running_heartbeats(storage, compat.study_id(study))
     now, beats = time.time(), {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         lease = t.system_attrs.get(LEASE_KEY)
@@ -278,7 +276,8 @@ def _last_heartbeats(study: optuna.Study) -> dict[int, tuple[datetime, float]]:
 
 def _running_heartbeats(storage: RDBStorage, study_id: int) -> dict[int, tuple[Any, float]]:
     """Trial number -> (last heartbeat, its age in seconds) of the study's RUNNING trials."""
-    trial, beat = rdb_models.TrialModel, rdb_models.TrialHeartbeatModel
+    models = compat.rdb_models()
+    trial, beat = models.TrialModel, models.TrialHeartbeatModel
     query = (
         sqlalchemy.select(trial.number, beat.heartbeat)
         .join(beat, beat.trial_id == trial.trial_id)
@@ -342,7 +341,7 @@ class OwnTrials:
 
     @staticmethod
     def _check(trial: optuna.Trial, cause: BaseException | None = None) -> None:
-        stored = trial.study._storage.get_trial(trial._trial_id)
+        stored = compat.study_storage(trial.study).get_trial(compat.trial_id(trial))
         if stored.state.is_finished():
             raise TrialTaken(stored) from cause
 
@@ -361,15 +360,15 @@ def taken_trial(study: optuna.Study, exc: BaseException, own: OwnTrials) -> optu
         if isinstance(exc, TrialTaken):
             return exc.trial
         if isinstance(exc, UpdateFinishedTrialError) and (found := re.search(r"Trial#(\d+)", str(exc))):
-            trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, int(found[1]))
-            trial = study._storage.get_trial(trial_id)
+            trial_id = compat.study_storage(study).get_trial_id_from_study_id_trial_number(compat.study_id(study), int(found[1]))
+            trial = compat.study_storage(study).get_trial(trial_id)
             if not trial.state.is_finished():
                 return None
-            if own.current is None or own.current._trial_id != trial_id:
+            if own.current is None or compat.trial_id(own.current) != trial_id:
                 own.started += 1
             return trial
         if isinstance(exc, ValueError) and str(exc).startswith("Cannot tell a ") and own.current is not None:
-            trial = study._storage.get_trial(own.current._trial_id)
+            trial = compat.study_storage(study).get_trial(compat.trial_id(own.current))
             return trial if trial.state.is_finished() else None
         exc = exc.__context__
     return None
@@ -393,4 +392,4 @@ def fail_own_running_trials(study: optuna.Study) -> None:
     """
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if trial_worker(t) == WORKER:
-            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            compat.study_storage(study).set_trial_state_values(compat.trial_id(t), TrialState.FAIL)

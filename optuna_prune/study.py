@@ -19,6 +19,7 @@ import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
+from optuna_prune import compat
 from optuna_prune.budget import BudgetReached, MethodBudget, SearchProgress, method_trials
 from optuna_prune.config import DEFAULT_STORAGE, ConfigError, SearchConfig
 from optuna_prune.methods import missing_run, missing_run_error, seed_methods, space_of
@@ -39,7 +40,6 @@ from optuna_prune.record import (
     SEEDED_FROM_ATTR,
 )
 from optuna_prune.samplers import trial_mask
-from optuna_prune.samplers.base import storage_backend
 from optuna_prune.space import LayerMaskSpace, SpaceError
 from optuna_prune.storage import (
     OwnTrials,
@@ -252,10 +252,10 @@ def _discard_new_study(study: optuna.Study, new_file: Path | None, new_folders: 
     try:
         if study.get_trials(deepcopy=False):
             return
-        optuna.delete_study(study_name=study.study_name, storage=study._storage)
+        optuna.delete_study(study_name=study.study_name, storage=compat.study_storage(study))
     except Exception:  # the setup's own error is the one to report
         return
-    _remove_new_storage(study._storage, new_file, new_folders)
+    _remove_new_storage(compat.study_storage(study), new_file, new_folders)
 
 
 def _remove_new_storage(storage: optuna.storages.BaseStorage, new_file: Path | None, new_folders: list[Path]) -> None:
@@ -265,7 +265,7 @@ def _remove_new_storage(storage: optuna.storages.BaseStorage, new_file: Path | N
     try:
         if optuna.get_all_study_summaries(storage):
             return
-        backend = storage_backend(storage)
+        backend = compat.unwrap_storage(storage)
         if isinstance(backend, RDBStorage):
             backend.engine.dispose()
         new_file.unlink(missing_ok=True)

@@ -13,11 +13,11 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 from sqlalchemy import event
 
+from optuna_prune import compat
 from optuna_prune.samplers.batched_writes import (
     one_write_for_params,
     set_trial_params,
     set_trial_system_attrs,
-    storage_backend,
 )
 from optuna_prune.subset import EvoPSampler, RandomMaskSampler, suggest_mask
 
@@ -32,7 +32,7 @@ def sqlite_study(tmp_path: Path, sampler: optuna.samplers.BaseSampler | None = N
 @contextmanager
 def commits(study: optuna.Study) -> Iterator[list[int]]:
     """Counts the commits that write (reads commit too, but cost no file sync) in the block."""
-    engine = storage_backend(study._storage).engine
+    engine = compat.unwrap_storage(compat.study_storage(study)).engine
     seen: list[int] = []
     writing: list[bool] = []
 

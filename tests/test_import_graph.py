@@ -38,7 +38,7 @@ FLOORS: dict[str, str] = {
     "devices": "model", "layers": "model", "tokens": "model", "ccds": "model", "calibration": "model",
     "fitness": "model", "importance": "model", "models": "model", "width": "model", "training": "model",
     "perplexity": "model", "downstream": "model", "speed": "model", "llm": "model", "tasks": "model",
-    "space": "search", "rate_space": "search", "samplers": "search", "pruners": "search", "subset": "search",
+    "compat": "search", "space": "search", "rate_space": "search", "samplers": "search", "pruners": "search", "subset": "search",
     "objective": "glue", "rate_objective": "glue", "config": "glue", "study": "glue",
     "worker": "glue", "heartbeat": "glue",
     "storage": "glue", "problem": "glue", "budget": "glue", "summary": "glue", "methods": "glue",

@@ -31,12 +31,11 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.exceptions import ExperimentalWarning
 from optuna.samplers import BaseSampler, RandomSampler
-from optuna.samplers._lazy_random_state import LazyRandomState
 from optuna.storages import BaseStorage, InMemoryStorage, RDBStorage
-from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
 
+from optuna_prune import compat
 from optuna_prune.record import (
     FIXED_PARAMS_KEY,
     MASK_KEY,
@@ -46,7 +45,7 @@ from optuna_prune.record import (
     SURPLUS_KEY,
     sampler_config_key,
 )
-from optuna_prune.samplers.batched_writes import set_trial_system_attrs, storage_backend
+from optuna_prune.samplers.batched_writes import set_trial_system_attrs
 from optuna_prune.space import LayerMaskSpace, SpaceError
 
 _logger = logging.getLogger(__name__)
@@ -112,8 +111,8 @@ def _beat(study: Study, trial: FrozenTrial) -> None:
     trial that has none: a worker killed while proposing (or waiting for others) would leave a
     trial that other workers wait for forever. With a heartbeat, it goes stale and is retried.
     """
-    if is_heartbeat_enabled(study._storage):
-        study._storage.record_heartbeat(trial._trial_id)
+    if compat.is_heartbeat_enabled(compat.study_storage(study)):
+        compat.study_storage(study).record_heartbeat(compat.trial_id(trial))
 
 
 def _shared(storage: BaseStorage) -> bool:
@@ -122,7 +121,7 @@ def _shared(storage: BaseStorage) -> bool:
     In-memory storage is one process's; so is SQLite, whose studies refuse a second live process
     (``storage.refuse_concurrent_sqlite``).
     """
-    backend = storage_backend(storage)
+    backend = compat.unwrap_storage(storage)
     if isinstance(backend, InMemoryStorage):
         return False
     return not (isinstance(backend, RDBStorage) and backend.engine.dialect.name == "sqlite")
@@ -176,7 +175,7 @@ class MaskSampler(BaseSampler, abc.ABC):
         self._space = space
         self._distributions = space.distributions()
         self._seed = seed
-        self._rng = LazyRandomState(seed)
+        self._rng = compat.LazyRandomState(seed)
         # Params that are not part of the mask (a user's learning rate), as Optuna's GA samplers do.
         self._random_sampler = independent_sampler or RandomSampler(seed=seed)
         self._init_process_state()
@@ -273,18 +272,18 @@ class MaskSampler(BaseSampler, abc.ABC):
                 f"{param_distribution}; suggest it as {how}, or let "
                 "optuna_prune.subset.suggest_mask suggest the whole mask"
             )
-        dropped = self._proposals.get(trial._trial_id)
+        dropped = self._proposals.get(compat.trial_id(trial))
         if dropped is None:
             dropped = self._stored_proposal(study, trial)
         return self._space.to_params(dropped)[param_name]
 
     def before_trial(self, study: Study, trial: FrozenTrial) -> None:
-        storage = study._storage
+        storage = compat.study_storage(study)
         try:
             _beat(study, trial)
             self._check_config(study)
             proposal = self._claim(study, trial, self._preset_mask(trial))
-            self._proposals[trial._trial_id] = proposal.dropped
+            self._proposals[compat.trial_id(trial)] = proposal.dropped
             self._held[(study.study_name, trial.number)] = threading.get_ident()
             if proposal.stop:
                 _stop(study)
@@ -295,7 +294,7 @@ class MaskSampler(BaseSampler, abc.ABC):
             with contextlib.suppress(Exception):  # keep the original error
                 self._store(study, trial, {})
             with contextlib.suppress(Exception):
-                storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+                storage.set_trial_state_values(compat.trial_id(trial), TrialState.FAIL)
             raise
 
     def after_trial(
@@ -308,10 +307,10 @@ class MaskSampler(BaseSampler, abc.ABC):
         self._finish(study, trial, state)
         if state == TrialState.FAIL:
             return
-        storage = study._storage
+        storage = compat.study_storage(study)
         if trial.number + 1 < self._space.n_candidates:
             return  # no read: a later trial's after_trial sees the space exhausted
-        trials = storage.get_all_trials(study._study_id, deepcopy=False)
+        trials = storage.get_all_trials(compat.study_id(study), deepcopy=False)
         if self._exhausted(self._seen(trials)):
             _stop(study)
 
@@ -322,7 +321,7 @@ class MaskSampler(BaseSampler, abc.ABC):
         must not carry 0/1 params of other names: those would be sampled at random, not as an
         exact-k mask, and the search would silently learn nothing.
         """
-        self._proposals.pop(trial._trial_id, None)
+        self._proposals.pop(compat.trial_id(trial), None)
         if self._held.pop((study.study_name, trial.number), None) is not None:
             with self._told:
                 self._told.notify_all()
@@ -438,21 +437,21 @@ class MaskSampler(BaseSampler, abc.ABC):
     def _store(self, study: Study, trial: FrozenTrial, attrs: dict[str, Any]) -> None:
         """Store ``attrs`` and ``METHOD_KEY`` as trial system attrs in one storage write (on
         SQLite, each write is a commit that costs more than a cheap objective)."""
-        set_trial_system_attrs(study._storage, trial._trial_id, {METHOD_KEY: self.method, **attrs})
+        set_trial_system_attrs(compat.study_storage(study), compat.trial_id(trial), {METHOD_KEY: self.method, **attrs})
 
     def _stored_proposal(self, study: Study, trial: FrozenTrial) -> tuple[int, ...]:
-        attrs = study._storage.get_trial_system_attrs(trial._trial_id)
+        attrs = compat.study_storage(study).get_trial_system_attrs(compat.trial_id(trial))
         if attrs.get(MASK_KEY) is not None:  # None: a claim withdrawn (_claim)
             return tuple(int(i) for i in attrs[MASK_KEY])
         # before_trial did not run through this sampler (e.g. the sampler was swapped mid-trial).
         dropped = self._space.from_array(self._space.random_mask(self._trial_rng(trial)))
-        study._storage.set_trial_system_attr(trial._trial_id, MASK_KEY, list(dropped))
+        compat.study_storage(study).set_trial_system_attr(compat.trial_id(trial), MASK_KEY, list(dropped))
         return dropped
 
     def check_resume(self, study: Study) -> bool:
         """SpaceError if ``study`` was searched by this method with other settings (:meth:`config`),
         e.g. another population size; writes nothing. Returns whether the study records them."""
-        stored = study._storage.get_study_system_attrs(study._study_id).get(self.config_key())
+        stored = compat.study_storage(study).get_study_system_attrs(compat.study_id(study)).get(self.config_key())
         mine = self.config()
         if stored is not None and stored != mine:
             diff = ", ".join(
@@ -466,11 +465,11 @@ class MaskSampler(BaseSampler, abc.ABC):
         return stored is not None
 
     def _check_config(self, study: Study) -> None:
-        if (id(study._storage), study._study_id) in self._checked:
+        if (id(compat.study_storage(study)), compat.study_id(study)) in self._checked:
             return  # once per study and process: the stored config is written only once
         if not self.check_resume(study):
-            study._storage.set_study_system_attr(study._study_id, self.config_key(), self.config())
-        self._checked.add((id(study._storage), study._study_id))
+            compat.study_storage(study).set_study_system_attr(compat.study_id(study), self.config_key(), self.config())
+        self._checked.add((id(compat.study_storage(study)), compat.study_id(study)))
 
     def _claim(self, study: Study, trial: FrozenTrial, seed: tuple[int, ...] | None) -> Proposal:
         """Propose a mask and store it, so that no two concurrent trials get the same new mask.
@@ -484,7 +483,7 @@ class MaskSampler(BaseSampler, abc.ABC):
         a surplus trial), as are seeds and retries. The reread is skipped where no other process
         writes: it costs a storage read per trial, and every read is a place for Ctrl-C to land.
         """
-        storage = study._storage
+        storage = compat.study_storage(study)
         jitter = random.Random()  # timing only: proposals stay a function of the seed and storage
         for attempt in range(1, _MAX_CLAIMS + 1):
             proposal, known = self._wait_for_proposal(study, trial, seed)
@@ -498,13 +497,13 @@ class MaskSampler(BaseSampler, abc.ABC):
                 return proposal
             # Not only RUNNING ones: a rival on a fast objective may have claimed and told the
             # same mask between this proposal's read and its claim.
-            rivals = storage.get_all_trials(study._study_id, deepcopy=False, states=_CLAIMING)
+            rivals = storage.get_all_trials(compat.study_id(study), deepcopy=False, states=_CLAIMING)
             if proposal.dropped not in self._seen(rivals, exclude=trial.number):
                 return proposal
             _logger.debug(
                 "trial %d withdraws %s: another worker claimed it", trial.number, proposal.dropped
             )
-            storage.set_trial_system_attr(trial._trial_id, MASK_KEY, None)
+            storage.set_trial_system_attr(compat.trial_id(trial), MASK_KEY, None)
             time.sleep(jitter.uniform(0, self.poll_interval * min(attempt, 4)))
             _beat(study, trial)
         _logger.warning(
@@ -527,7 +526,7 @@ class MaskSampler(BaseSampler, abc.ABC):
         since = warned = beaten = time.monotonic()
         while True:
             with self._proposing:
-                trials = study._storage.get_all_trials(study._study_id, deepcopy=False)
+                trials = compat.study_storage(study).get_all_trials(compat.study_id(study), deepcopy=False)
                 result = self._propose(study, trial, trials, seed)
                 if isinstance(result, Proposal):
                     # The mask last (one transaction on RDB storage, else written in this order):
@@ -556,7 +555,7 @@ class MaskSampler(BaseSampler, abc.ABC):
                 warned = now
                 hint = (
                     "their workers' heartbeats are checked"
-                    if is_heartbeat_enabled(study._storage)
+                    if compat.is_heartbeat_enabled(compat.study_storage(study))
                     else "heartbeats are off: if their workers died, `optuna-prune fail-stale "
                     "STUDY` fails those trials, or use a storage with heartbeat_interval"
                 )

@@ -3,8 +3,8 @@
 Optuna's RDB storage commits every trial param and system attr on its own. A commit costs
 milliseconds on SQLite (a file sync), so an exact-k mask of n params plus a sampler's half-dozen
 attrs made a cheap objective some 150 times slower on SQLite than in memory. Here each group is
-one commit; every other storage (in memory, journal, gRPC) gets the same calls one by one. Only
-this module touches the RDB storage's private parts, so an Optuna upgrade breaks one file.
+one commit; every other storage (in memory, journal, gRPC) gets the same calls one by one. The
+RDB storage's private parts it writes through are reached via :mod:`optuna_prune.compat`.
 """
 
 from __future__ import annotations
@@ -20,37 +20,28 @@ from optuna.distributions import (
     json_to_distribution,
 )
 from optuna.storages import BaseStorage, RDBStorage
-from optuna.storages._cached_storage import _CachedStorage
-from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import Trial
+
+from optuna_prune import compat
 
 Param = tuple[str, float, BaseDistribution]
 """A param as storage keeps it: name, value in the distribution's internal repr, distribution."""
-
-
-def storage_backend(storage: BaseStorage) -> BaseStorage:
-    """The storage that ``storage`` stands for: optuna wraps RDB storage in a private cache.
-
-    (Only that cache is unwrapped: a journal storage's ``_backend`` is its log file, not a storage.)
-    """
-    return storage._backend if isinstance(storage, _CachedStorage) else storage
 
 
 def set_trial_system_attrs(
     storage: BaseStorage, trial_id: int, attrs: Mapping[str, Any]
 ) -> None:
     """``storage.set_trial_system_attr`` for every item, in one transaction on RDB storage."""
-    backend = storage_backend(storage)
+    backend = compat.unwrap_storage(storage)
     if len(attrs) < 2 or not isinstance(backend, RDBStorage):
         for key, value in attrs.items():
             storage.set_trial_system_attr(trial_id, key, value)
         return
-    from optuna.storages._rdb import models  # defers sqlalchemy to the storages that use it
-
-    with _create_scoped_session(backend.scoped_session) as session:
+    models = compat.rdb_models()
+    with compat.scoped_session(backend) as session:
         for key, value in attrs.items():
-            backend._set_trial_attr_without_commit(
-                session, models.TrialSystemAttributeModel, trial_id, key, value
+            compat.set_trial_attr_without_commit(
+                backend, session, models.TrialSystemAttributeModel, trial_id, key, value
             )
 
 
@@ -60,28 +51,24 @@ def set_trial_params(storage: BaseStorage, trial_id: int, params: Sequence[Param
     Checks what Optuna checks: the trial is still running, and each distribution agrees with
     the one the study already has under that name.
     """
-    backend = storage_backend(storage)
+    backend = compat.unwrap_storage(storage)
     if len(params) < 2 or not isinstance(backend, RDBStorage):
         for name, value, distribution in params:
             storage.set_trial_param(trial_id, name, value, distribution)
         return
     # Hold the cache's lock and update its known distributions as _CachedStorage.set_trial_param
     # does: then no second query per param is needed, and threads cannot disagree on one.
-    cached = storage if isinstance(storage, _CachedStorage) else None
-    with cached._lock if cached is not None else contextlib.nullcontext():
-        known: dict[str, BaseDistribution] = {}
-        if cached is not None and trial_id in cached._trial_id_to_study_id_and_number:
-            study_id, _ = cached._trial_id_to_study_id_and_number[trial_id]
-            known = cached._studies[study_id].param_distribution
+    cached = compat.cached_storage(storage)
+    with compat.cache_lock(cached):
+        known = compat.known_distributions(cached, trial_id) if cached is not None else {}
         _insert_params(backend, trial_id, params, known)
 
 
 def _insert_params(
     backend: RDBStorage, trial_id: int, params: Sequence[Param], known: dict[str, BaseDistribution]
 ) -> None:
-    from optuna.storages._rdb import models  # defers sqlalchemy to the storages that use it
-
-    with _create_scoped_session(backend.scoped_session) as session:
+    models = compat.rdb_models()
+    with compat.scoped_session(backend) as session:
         trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
         backend.check_trial_is_updatable(trial_id, trial.state)
         for name, value, distribution in params:
@@ -146,7 +133,7 @@ def one_write_for_params(trial: Any) -> Iterator[None]:
     except BaseException:
         trial.storage = storage
         with contextlib.suppress(Exception):  # keep the original error
-            set_trial_params(storage, trial._trial_id, buffer.params)
+            set_trial_params(storage, compat.trial_id(trial), buffer.params)
         raise
     trial.storage = storage
-    set_trial_params(storage, trial._trial_id, buffer.params)
+    set_trial_params(storage, compat.trial_id(trial), buffer.params)

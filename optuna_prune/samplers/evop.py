@@ -21,15 +21,10 @@ from typing import Any
 
 import numpy as np
 from optuna.samplers import BaseSampler
-from optuna.samplers._ga import BaseGASampler
-from optuna.samplers.nsgaii._elite_population_selection_strategy import (
-    _crowding_distance_sort,
-    _rank_population,
-)
 from optuna.study import Study, StudyDirection
-from optuna.study._constrained_optimization import _is_constrained_optimization
 from optuna.trial import FrozenTrial, TrialState
 
+from optuna_prune import compat
 from optuna_prune.record import METHOD_KEY, ORIGIN_KEY, PARENTS_KEY, STOP_ABOVE_KEY
 from optuna_prune.samplers.base import MaskSampler, Proposal, Wait, trial_loss, trial_mask
 from optuna_prune.samplers.operators import CROSSOVERS, bit_flip_mutation, swap_mutation
@@ -39,7 +34,7 @@ _logger = logging.getLogger(__name__)
 
 
 
-class EvoPSampler(MaskSampler, BaseGASampler):
+class EvoPSampler(MaskSampler, compat.BaseGASampler):
     """EvoP's genetic search over exact-k layer masks.
 
     Args:
@@ -104,7 +99,7 @@ class EvoPSampler(MaskSampler, BaseGASampler):
         ):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name}={p!r} must be a probability in [0, 1]")
-        BaseGASampler.__init__(self, int(size))
+        compat.BaseGASampler.__init__(self, int(size))
         self._elite_fraction = float(elite_fraction)
         # round() first: 0.3 * 10 is 3.0000000000000004 in floating point.
         self._n_elite = max(1, math.ceil(round(elite_fraction * size, 9)))
@@ -141,14 +136,14 @@ class EvoPSampler(MaskSampler, BaseGASampler):
         key = self._get_generation_key()
         generation = trial.system_attrs.get(key)
         if generation is None:
-            generation = study._storage.get_trial_system_attrs(trial._trial_id).get(key)
+            generation = compat.study_storage(study).get_trial_system_attrs(compat.trial_id(trial)).get(key)
         if generation is None:
             raise ValueError(f"trial {trial.number} was not proposed by {type(self).__name__}")
         return int(generation)
 
     def get_population(self, study: Study, generation: int) -> list[FrozenTrial]:
         """Members of ``generation``: its trials in any state but FAIL."""
-        trials = study._storage.get_all_trials(study._study_id, deepcopy=False)
+        trials = compat.study_storage(study).get_all_trials(compat.study_id(study), deepcopy=False)
         return list(self._members(trials)[generation])
 
     def get_parent_population(self, study: Study, generation: int) -> list[FrozenTrial]:
@@ -156,8 +151,8 @@ class EvoPSampler(MaskSampler, BaseGASampler):
 
         Raises RuntimeError while generation - 1 still has running members.
         """
-        trials = study._storage.get_all_trials(study._study_id, deepcopy=False)
-        attrs = dict(study._storage.get_study_system_attrs(study._study_id))
+        trials = compat.study_storage(study).get_all_trials(compat.study_id(study), deepcopy=False)
+        attrs = dict(compat.study_storage(study).get_study_system_attrs(compat.study_id(study)))
         parents = self._parents(study, generation, self._members(trials), trials, attrs)
         if isinstance(parents, Wait):
             raise RuntimeError(
@@ -191,14 +186,14 @@ class EvoPSampler(MaskSampler, BaseGASampler):
                 self._space.num_drop,
             )
             return Proposal(seed, {ORIGIN_KEY: "seed"})
-        storage = study._storage
+        storage = compat.study_storage(study)
         size = self._population_size
         assert size is not None
         # A stale trial re-enqueued by RetryHeartbeatStaleTrialCallback keeps its generation.
         generation_key = self._get_generation_key()
         retried = trial.system_attrs.get(generation_key) if seed is not None else None
         for _attempt in range(3):
-            attrs = dict(storage.get_study_system_attrs(study._study_id))
+            attrs = dict(storage.get_study_system_attrs(compat.study_id(study)))
             members = self._members(trials, exclude=trial.number)
             g_open = self._open_generation(attrs)
             if retried is not None:
@@ -221,7 +216,7 @@ class EvoPSampler(MaskSampler, BaseGASampler):
                 # Took the last slot: if a concurrent worker took it too, the higher trial
                 # number yields and moves on to the next generation.
                 self._store(study, trial, {generation_key: generation})
-                trials = storage.get_all_trials(study._study_id, deepcopy=False)
+                trials = storage.get_all_trials(compat.study_id(study), deepcopy=False)
                 rivals = self._members(trials, exclude=trial.number)[generation]
                 if sum(t.number < trial.number for t in rivals) >= size:
                     continue
@@ -325,13 +320,13 @@ class EvoPSampler(MaskSampler, BaseGASampler):
             grand = self._parents(study, generation - 1, members, trials, study_attrs)
             if isinstance(grand, Wait):
                 return grand
-            known = {t._trial_id for t in grand}
-            chosen = self._select(study, grand + [t for t in previous if t._trial_id not in known])
-            storage = study._storage
-            storage.set_study_system_attr(study._study_id, key, [t._trial_id for t in chosen])
+            known = {compat.trial_id(t) for t in grand}
+            chosen = self._select(study, grand + [t for t in previous if compat.trial_id(t) not in known])
+            storage = compat.study_storage(study)
+            storage.set_study_system_attr(compat.study_id(study), key, [compat.trial_id(t) for t in chosen])
             # Another worker may have written at the same moment: use what storage holds.
-            study_attrs.update(storage.get_study_system_attrs(study._study_id))
-        by_id = {t._trial_id: t for t in trials}
+            study_attrs.update(storage.get_study_system_attrs(compat.study_id(study)))
+        by_id = {compat.trial_id(t): t for t in trials}
         return [by_id[i] for i in study_attrs[key] if i in by_id]
 
     def _select(self, study: Study, pool: list[FrozenTrial]) -> list[FrozenTrial]:
@@ -346,11 +341,11 @@ class EvoPSampler(MaskSampler, BaseGASampler):
             ranked = sorted(complete, key=lambda t: (sign * t.values[0], t.number))
         else:
             ranked = []
-            fronts = _rank_population(
-                complete, study.directions, is_constrained=_is_constrained_optimization(complete)
+            fronts = compat.rank_population(
+                complete, study.directions, is_constrained=compat.is_constrained_optimization(complete)
             )
             for front in fronts:
-                _crowding_distance_sort(front)
+                compat.crowding_distance_sort(front)
                 ranked.extend(front)
         return (ranked + pruned)[: self._n_elite]
 

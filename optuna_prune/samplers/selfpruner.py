@@ -36,6 +36,7 @@ import numpy as np
 from optuna.study import Study
 from optuna.trial import FrozenTrial
 
+from optuna_prune import compat
 from optuna_prune.rate_space import RateSpace
 from optuna_prune.record import LLM_KEY, ORIGIN_KEY, PARENTS_KEY
 from optuna_prune.samplers.base import Proposal, Wait, trial_loss, trial_mask
@@ -371,12 +372,12 @@ class SelfPrunerSampler(EvoPSampler):
 
     def _count(self, study: Study, outcome: str) -> None:
         """Bump the outcome's counters (read-modify-write: approximate with concurrent workers)."""
-        storage = study._storage
-        attrs = storage.get_study_system_attrs(study._study_id)
+        storage = compat.study_storage(study)
+        attrs = storage.get_study_system_attrs(compat.study_id(study))
         kind = "llm_ok" if outcome in ("ok", "repaired") else "llm_fallback"
         for key in {kind, f"llm_{outcome}"}:
             name = COUNTER_PREFIX + key
-            storage.set_study_system_attr(study._study_id, name, int(attrs.get(name, 0)) + 1)
+            storage.set_study_system_attr(compat.study_id(study), name, int(attrs.get(name, 0)) + 1)
 
 
 def llm_stats(study: Study) -> dict[str, int]:

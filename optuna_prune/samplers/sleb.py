@@ -18,6 +18,7 @@ from typing import Any
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from optuna_prune import compat
 from optuna_prune.record import ALLOW_PARTIAL_KEY, METHOD_KEY, STEP_KEY, STOP_ABOVE_KEY
 from optuna_prune.samplers.base import (
     MaskSampler,
@@ -131,7 +132,7 @@ class SLEBSampler(MaskSampler):
         self._finish(study, trial, state)
         if state == TrialState.FAIL:
             return  # this worker goes on and proposes the candidate again
-        trials = study._storage.get_all_trials(study._study_id, deepcopy=False)
+        trials = compat.study_storage(study).get_all_trials(compat.study_id(study), deepcopy=False)
         try:
             plan = self._plan(self._with_state(trials, trial, state, values))
         except SLEBError:
@@ -223,7 +224,7 @@ class SLEBSampler(MaskSampler):
 
 def sleb_result(study: Study) -> tuple[int, ...] | None:
     """The layers SLEB dropped in ``study``, or None if its greedy search has not finished."""
-    config = study._storage.get_study_system_attrs(study._study_id).get(SLEBSampler.config_key())
+    config = compat.study_storage(study).get_study_system_attrs(compat.study_id(study)).get(SLEBSampler.config_key())
     if config is None:
         return None
     sampler = SLEBSampler(
@@ -231,5 +232,5 @@ def sleb_result(study: Study) -> tuple[int, ...] | None:
         protect_ends=config["protect_ends"],
         max_retries=config["max_retries"],
     )
-    plan = sampler._plan(study._storage.get_all_trials(study._study_id, deepcopy=False))
+    plan = sampler._plan(compat.study_storage(study).get_all_trials(compat.study_id(study), deepcopy=False))
     return plan.base if plan.step == sampler.space.num_drop else None
