@@ -22,19 +22,22 @@ What the package relies on:
 - ``optuna.samplers._lazy_random_state.LazyRandomState``: :data:`LazyRandomState`.
 - ``optuna.samplers._ga.BaseGASampler`` and its classmethods ``_get_generation_key`` /
   ``_get_parent_cache_key_prefix``: :data:`BaseGASampler`, :func:`generation_key`,
-  :func:`parent_cache_key_prefix`.
+  :func:`parent_cache_key_prefix`, :func:`keeps_parents`.
 - ``optuna.samplers.nsgaii._elite_population_selection_strategy`` (``_rank_population``,
   ``_crowding_distance_sort``) and ``optuna.study._constrained_optimization
   ._is_constrained_optimization``: :func:`rank_population`, :func:`crowding_distance_sort`,
   :func:`is_constrained_optimization`.
 - The logger name ``optuna.study._optimize`` (where Optuna logs each trial's end):
   :data:`OPTIMIZE_LOGGER`.
+- ``Trial._suggest`` storing each param through the public ``trial.storage``'s
+  ``set_trial_param`` (``samplers/batched_writes.one_write_for_params`` swaps in a buffer).
 
 Exceptions, where subclassing an Optuna class means using its private hooks directly:
 
 - ``samplers/evop.py`` (``EvoPSampler(BaseGASampler)``): calls ``self._get_generation_key()`` /
   ``self._get_parent_cache_key_prefix()`` and sets ``self._thread_lock`` (BaseGASampler's lock).
-- ``heartbeat.py``: overrides ``_get_stale_trial_ids`` (``RDBStorage`` and ``BaseHeartbeat``).
+- ``heartbeat.py``: overrides ``_get_stale_trial_ids`` (``RDBStorage`` and ``BaseHeartbeat``;
+  ``HeartbeatRDBStorage`` also calls ``super()._get_stale_trial_ids``).
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ __all__ = [
     "generation_key",
     "is_constrained_optimization",
     "is_heartbeat_enabled",
+    "keeps_parents",
     "known_distributions",
     "parent_cache_key_prefix",
     "rank_population",
@@ -162,3 +166,8 @@ def generation_key(sampler: BaseGASampler | type[BaseGASampler]) -> str:
 def parent_cache_key_prefix(sampler: BaseGASampler | type[BaseGASampler]) -> str:
     """The study system attr prefix a GA sampler caches each generation's parents under."""
     return sampler._get_parent_cache_key_prefix()
+
+
+def keeps_parents(sampler: object) -> bool:
+    """Whether a sampler (or sampler class) caches parents as a GA sampler does (SLEB does not)."""
+    return hasattr(sampler, "_get_parent_cache_key_prefix")

@@ -154,7 +154,7 @@ class GenerationHalvingPruner(BasePruner):
         if isinstance(min_peers, bool) or not isinstance(min_peers, int) or min_peers < 0:
             raise ValueError(f"min_peers={min_peers!r} must be an integer >= 0")
         if with_parents is None:
-            with_parents = hasattr(sampler, "_get_parent_cache_key_prefix")
+            with_parents = compat.keeps_parents(sampler)
         self._generation_key = compat.generation_key(sampler)
         self._parent_prefix = compat.parent_cache_key_prefix(sampler) if with_parents else ""
         self._keep = fractions

@@ -56,7 +56,7 @@ def set_trial_params(storage: BaseStorage, trial_id: int, params: Sequence[Param
         for name, value, distribution in params:
             storage.set_trial_param(trial_id, name, value, distribution)
         return
-    # Hold the cache's lock and update its known distributions as _CachedStorage.set_trial_param
+    # Hold the cache's lock and update its known distributions as the cache's own set_trial_param
     # does: then no second query per param is needed, and threads cannot disagree on one.
     cached = compat.cached_storage(storage)
     with compat.cache_lock(cached):
