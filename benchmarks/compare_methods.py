@@ -19,11 +19,11 @@ from pathlib import Path
 
 import optuna
 
-from optuna_prune.config import SearchConfig
-from optuna_prune.models import load_model
-from optuna_prune.perplexity import cross_domain
-from optuna_prune.study import run_search
-from optuna_prune.summary import best_by_method
+from optuna_prune.model.models import load_model
+from optuna_prune.model.perplexity import cross_domain
+from optuna_prune.run.config import SearchConfig
+from optuna_prune.run.study import run_search
+from optuna_prune.run.summary import best_by_method
 
 ROOT = Path(__file__).resolve().parents[1]
 

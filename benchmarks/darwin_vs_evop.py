@@ -23,11 +23,11 @@ from pathlib import Path
 
 import optuna
 
-from optuna_prune.config import SearchConfig
-from optuna_prune.finetune import finetune_trial
-from optuna_prune.study import run_search
-from optuna_prune.summary import best_by_method
-from optuna_prune.training import TrainSettings
+from optuna_prune.model.training import TrainSettings
+from optuna_prune.results.finetune import finetune_trial
+from optuna_prune.run.config import SearchConfig
+from optuna_prune.run.study import run_search
+from optuna_prune.run.summary import best_by_method
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -25,14 +25,14 @@ import optuna
 import torch
 from tqdm import tqdm
 
-from optuna_prune.calibration import build_calibration
-from optuna_prune.fitness import PerplexityFitness, plain_forward_loss
-from optuna_prune.layers import find_layer_stack
-from optuna_prune.models import load_model
-from optuna_prune.objective import MaskObjective
-from optuna_prune.record import STOP_ABOVE_KEY
-from optuna_prune.samplers import EvoPSampler, SLEBSampler
-from optuna_prune.space import LayerMaskSpace, resolve_num_drop
+from optuna_prune.model.calibration import build_calibration
+from optuna_prune.model.fitness import PerplexityFitness, plain_forward_loss
+from optuna_prune.model.layers import find_layer_stack
+from optuna_prune.model.models import load_model
+from optuna_prune.run.objective import MaskObjective
+from optuna_prune.search.record import STOP_ABOVE_KEY
+from optuna_prune.search.samplers import EvoPSampler, SLEBSampler
+from optuna_prune.search.space import LayerMaskSpace, resolve_num_drop
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -30,14 +30,14 @@ import numpy as np
 import optuna
 import torch
 
-from optuna_prune.calibration import CalibrationSet, build_calibration
-from optuna_prune.fitness import Fitness, PerplexityFitness, SampleLoss
-from optuna_prune.layers import find_layer_stack
-from optuna_prune.models import load_model
-from optuna_prune.objective import MaskObjective
-from optuna_prune.pruners import GenerationHalvingPruner, default_stages
-from optuna_prune.samplers import EvoPSampler, LevelSwitchSampler
-from optuna_prune.space import LayerMaskSpace, resolve_num_drop
+from optuna_prune.model.calibration import CalibrationSet, build_calibration
+from optuna_prune.model.fitness import Fitness, PerplexityFitness, SampleLoss
+from optuna_prune.model.layers import find_layer_stack
+from optuna_prune.model.models import load_model
+from optuna_prune.run.objective import MaskObjective
+from optuna_prune.search.pruners import GenerationHalvingPruner, default_stages
+from optuna_prune.search.samplers import EvoPSampler, LevelSwitchSampler
+from optuna_prune.search.space import LayerMaskSpace, resolve_num_drop
 
 FRACTIONS = (0.25, 0.5, 1.0)
 

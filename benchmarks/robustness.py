@@ -44,9 +44,9 @@ from typing import Any
 import optuna
 from search_quality import METHODS, run_method
 
-from optuna_prune.config import SearchConfig
-from optuna_prune.models import load_model
-from optuna_prune.perplexity import cross_domain
+from optuna_prune.model.models import load_model
+from optuna_prune.model.perplexity import cross_domain
+from optuna_prune.run.config import SearchConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 HELD_OUT = ("wikitext2", "c4")

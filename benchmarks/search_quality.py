@@ -44,15 +44,15 @@ import plotly.graph_objects as go
 from optuna.trial import TrialState
 from plotly.subplots import make_subplots
 
-from optuna_prune.config import SearchConfig
-from optuna_prune.figures import method_color
-from optuna_prune.final_pick import final_pick
-from optuna_prune.layers import SubBlocks, find_layer_stack, sub_block_names
-from optuna_prune.models import load_model
-from optuna_prune.perplexity import cross_domain
-from optuna_prune.samplers import sleb_result
-from optuna_prune.study import run_search
-from optuna_prune.summary import best_by_method
+from optuna_prune.model.layers import SubBlocks, find_layer_stack, sub_block_names
+from optuna_prune.model.models import load_model
+from optuna_prune.model.perplexity import cross_domain
+from optuna_prune.results.figures import method_color
+from optuna_prune.run.config import SearchConfig
+from optuna_prune.run.final_pick import final_pick
+from optuna_prune.run.study import run_search
+from optuna_prune.run.summary import best_by_method
+from optuna_prune.search.samplers import sleb_result
 
 ROOT = Path(__file__).resolve().parents[1]
 # label -> phases (sampler, config changes), run one after another in one study within the budget;

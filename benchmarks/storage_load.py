@@ -29,9 +29,9 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from optuna_prune.samplers import EvoPSampler, trial_mask
-from optuna_prune.space import LayerMaskSpace
-from optuna_prune.storage import open_storage
+from optuna_prune.run.storage import open_storage
+from optuna_prune.search.samplers import EvoPSampler, trial_mask
+from optuna_prune.search.space import LayerMaskSpace
 
 GENERATION_KEY = f"{EvoPSampler.__name__}:generation"
 _SETUP_TIMEOUT = 300.0  # seconds for every worker to import and connect

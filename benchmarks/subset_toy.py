@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import optuna
 
-from optuna_prune.subset import EvoPSampler, LevelSwitchSampler, RandomMaskSampler, suggest_mask
+from optuna_prune.search import EvoPSampler, LevelSwitchSampler, RandomMaskSampler, suggest_mask
 
 PENALTY = 100.0  # above every exact-k loss: cost <= 1 per item, |pair| <= PAIR per pair
 PAIR = 0.2

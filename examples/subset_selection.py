@@ -13,7 +13,7 @@ import itertools
 import numpy as np
 import optuna
 
-from optuna_prune.subset import EvoPSampler, LevelSwitchSampler, suggest_mask
+from optuna_prune.search import EvoPSampler, LevelSwitchSampler, suggest_mask
 
 N, K = 20, 6
 rng = np.random.RandomState(0)

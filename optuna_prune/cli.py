@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
 import shlex
+import socket
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from optuna_prune import compat
-from optuna_prune.config import (
+import optuna
+
+from optuna_prune.outputs import OutputError, check_out_file, check_writable_folder
+from optuna_prune.run.config import (
     DEFAULT_STORAGE,
     PICK_BY,
     ConfigError,
@@ -22,8 +27,12 @@ from optuna_prune.config import (
     known_keys,
     load_config,
 )
-from optuna_prune.methods import METHODS, SPACES, option_help, option_types, seeders
-from optuna_prune.record import CONFIG_ATTR, study_problem, trial_worker
+from optuna_prune.run.final_pick import final_pick
+from optuna_prune.run.methods import METHODS, SPACES, option_help, option_types, seeders
+from optuna_prune.run.summary import best_by_method, running_by_method
+from optuna_prune.search import compat
+from optuna_prune.search.record import CONFIG_ATTR, study_problem, trial_worker
+from optuna_prune.search.space import SpaceError
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -45,17 +54,16 @@ class _Parser(argparse.ArgumentParser):
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input, turned into one line on stderr."""
-    from optuna_prune.calibration import CalibrationError
-    from optuna_prune.devices import DeviceError
-    from optuna_prune.downstream import DownstreamError
-    from optuna_prune.export import TrialChoiceError
-    from optuna_prune.layers import UnsupportedModelError
-    from optuna_prune.models import ModelNotFoundError
-    from optuna_prune.outputs import OutputError
-    from optuna_prune.problem import StudyMismatchError
-    from optuna_prune.space import SpaceError
-    from optuna_prune.storage import StorageError
-    from optuna_prune.training import TrainingError
+    # deferred: loads safetensors, sqlalchemy, torch, transformers only when this runs
+    from optuna_prune.model.calibration import CalibrationError
+    from optuna_prune.model.devices import DeviceError
+    from optuna_prune.model.downstream import DownstreamError
+    from optuna_prune.model.layers import UnsupportedModelError
+    from optuna_prune.model.models import ModelNotFoundError
+    from optuna_prune.model.training import TrainingError
+    from optuna_prune.results.export import TrialChoiceError
+    from optuna_prune.run.problem import StudyMismatchError
+    from optuna_prune.run.storage import StorageError
 
     return (
         ConfigError, CalibrationError, UnsupportedModelError, ModelNotFoundError, SpaceError,
@@ -236,7 +244,8 @@ def search_config(args: argparse.Namespace) -> SearchConfig:
 
 
 def cmd_search(args: argparse.Namespace) -> None:
-    from optuna_prune.study import run_search
+    # deferred: loads sqlalchemy only when this runs
+    from optuna_prune.run.study import run_search
 
     cfg = search_config(args)
     storage = cfg.storage or DEFAULT_STORAGE
@@ -264,7 +273,8 @@ def next_steps(study: str, storage: str) -> list[str]:
 
 
 def cmd_create(args: argparse.Namespace) -> None:
-    from optuna_prune.worker import create_study
+    # deferred: loads sqlalchemy only when this runs
+    from optuna_prune.run.worker import create_study
 
     study = create_study(search_config(args), new_study=args.new_study)
     storage = args.storage or study.user_attrs[CONFIG_ATTR].get("storage") or DEFAULT_STORAGE
@@ -273,7 +283,8 @@ def cmd_create(args: argparse.Namespace) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
-    from optuna_prune.worker import run_worker
+    # deferred: loads sqlalchemy only when this runs
+    from optuna_prune.run.worker import run_worker
 
     study = run_worker(args.storage, args.study, n_trials=args.n_trials, device=args.device,
                        progress=not args.no_progress)
@@ -281,9 +292,8 @@ def cmd_worker(args: argparse.Namespace) -> None:
 
 
 def cmd_studies(args: argparse.Namespace) -> None:
-    import optuna
-
-    from optuna_prune.storage import open_storage
+    # deferred: loads sqlalchemy only when this runs
+    from optuna_prune.run.storage import open_storage
 
     storage = open_storage(args.storage, create=False)
     rows = []
@@ -297,13 +307,11 @@ def cmd_studies(args: argparse.Namespace) -> None:
 
 
 def cmd_show(args: argparse.Namespace) -> None:
-    from optuna_prune.problem import load_existing_study
+    # deferred: loads sqlalchemy only when this runs
+    from optuna_prune.run.problem import load_existing_study
 
     study = load_existing_study(args.study, args.storage)
     if args.json:
-        from optuna_prune.final_pick import final_pick
-        from optuna_prune.summary import best_by_method
-
         print(json.dumps({"study": study.study_name, "problem": study_problem(study),
                           "best_by_method": best_by_method(study), "final_pick": final_pick(study)}, indent=2))
         return
@@ -315,10 +323,10 @@ def cmd_show(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from optuna_prune.figures import attach_figures
-    from optuna_prune.outputs import check_out_file, check_writable_folder
-    from optuna_prune.problem import load_existing_study
-    from optuna_prune.report import write_report
+    # deferred: loads plotly, sqlalchemy only when this runs
+    from optuna_prune.results.figures import attach_figures
+    from optuna_prune.results.report import write_report
+    from optuna_prune.run.problem import load_existing_study
 
     study = load_existing_study(args.study, args.storage)
     out = args.out or f"{study.study_name}-report.html"
@@ -331,18 +339,25 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from optuna_prune.export import export_trial
-    from optuna_prune.problem import load_existing_study
+    # deferred: loads sqlalchemy only when this runs
+    from optuna_prune.results.export import export_trial
+    from optuna_prune.run.problem import load_existing_study
 
     study = load_existing_study(args.study, args.storage)
     print(export_trial(study, args.trial, args.out, device=args.device, overwrite=args.overwrite, by=args.by))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from optuna_prune.downstream import DEFAULT_TASKS
-    from optuna_prune.evaluation import PER_METHOD, QUICK_LIMIT, EvalSettings, evaluate_study
-    from optuna_prune.figures import evaluation_rows
-    from optuna_prune.problem import load_existing_study
+    # deferred: loads plotly, sqlalchemy, torch, transformers only when this runs
+    from optuna_prune.model.downstream import DEFAULT_TASKS
+    from optuna_prune.results.evaluation import (
+        PER_METHOD,
+        QUICK_LIMIT,
+        EvalSettings,
+        evaluate_study,
+    )
+    from optuna_prune.results.figures import evaluation_rows
+    from optuna_prune.run.problem import load_existing_study
 
     study = load_existing_study(args.study, args.storage)
     base = EvalSettings.quick() if args.quick else EvalSettings()
@@ -359,9 +374,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from optuna_prune.finetune import finetune_trial
-    from optuna_prune.problem import load_existing_study
-    from optuna_prune.training import TrainSettings
+    # deferred: loads safetensors, sqlalchemy, torch, transformers only when this runs
+    from optuna_prune.model.training import TrainSettings
+    from optuna_prune.results.finetune import finetune_trial
+    from optuna_prune.run.problem import load_existing_study
 
     study = load_existing_study(args.study, args.storage)
     settings = TrainSettings(loss=args.loss, lr=args.lr, lora=args.lora, batch_size=args.batch_size)
@@ -378,9 +394,10 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def cmd_fail_stale(args: argparse.Namespace) -> None:
-    from optuna_prune.heartbeat import MAX_RETRY
-    from optuna_prune.problem import load_existing_study
-    from optuna_prune.storage import fail_gone_trials, gone_trials
+    # deferred: loads sqlalchemy only when this runs
+    from optuna_prune.run.heartbeat import MAX_RETRY
+    from optuna_prune.run.problem import load_existing_study
+    from optuna_prune.run.storage import fail_gone_trials, gone_trials
 
     if not args.yes and not sys.stdin.isatty():
         raise ConfigError("fail-stale asks before it fails trials, and stdin is not a terminal: "
@@ -406,11 +423,12 @@ def cmd_fail_stale(args: argparse.Namespace) -> None:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> None:
-    import optuna
+    # deferred: loads optuna_dashboard only when this runs
     from optuna_dashboard import run_server
 
-    from optuna_prune.problem import name_metrics
-    from optuna_prune.storage import open_storage
+    # deferred: loads sqlalchemy only when this runs
+    from optuna_prune.run.problem import name_metrics
+    from optuna_prune.run.storage import open_storage
 
     check_listen_address(args.host, args.port)
     storage = open_storage(args.storage, create=False)  # before announcing a URL that would not answer
@@ -422,9 +440,6 @@ def cmd_dashboard(args: argparse.Namespace) -> None:
 
 def check_listen_address(host: str, port: int) -> None:
     """ConfigError unless a server can listen on ``host``:``port`` (tried: bound, then released)."""
-    import errno
-    import socket
-
     if not 1 <= port <= 65535:
         raise ConfigError(f"port {port} is out of range; pass --port 1 to 65535, e.g. 8080")
     try:
@@ -448,8 +463,6 @@ def check_listen_address(host: str, port: int) -> None:
 
 
 def _print_best(study: Any) -> None:
-    from optuna_prune.summary import best_by_method, running_by_method
-
     rows = [
         (m, e["trial"], f"{e['value']:.4f}", f"{e['perplexity']:.2f}" if e.get("perplexity") else "-",
          e["evaluations"], " ".join(map(str, e["dropped"] or [])))
@@ -465,8 +478,6 @@ def _print_best(study: Any) -> None:
 
 def _print_final_pick(study: Any) -> None:
     """The masks a validation split scored, the best by search loss first, and which one was picked."""
-    from optuna_prune.final_pick import final_pick
-
     pick = final_pick(study)
     if pick is None:
         return
@@ -491,9 +502,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
 
 def _quiet_libraries() -> None:
     """Keep stderr for our progress bars and one-line errors, not per-tensor loading bars."""
-    import warnings
-
-    import optuna
+    # deferred: loads transformers only when this runs
     import transformers
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -547,7 +556,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
     except BaseException as exc:
-        from optuna_prune.storage import interrupted
+        # deferred: loads sqlalchemy only when this runs
+        from optuna_prune.run.storage import interrupted
 
         if interrupted(exc):  # Ctrl-C, or an error optuna raised while Ctrl-C unwound it
             print("optuna-prune: interrupted; finished trials are stored, re-run the same command to resume",

@@ -10,7 +10,7 @@ import psutil
 import torch
 import transformers as tf
 
-from optuna_prune.perplexity import windows_perplexity
+from optuna_prune.model.perplexity import windows_perplexity
 
 VOCAB, WINDOWS, SEQ_LEN = 262_144, 2, 512  # [B, T, V] fp32 logits: 1 GiB
 

@@ -14,12 +14,12 @@ from typing import NamedTuple
 import numpy as np
 import optuna
 
-from optuna_prune.pruners import score_in_stages
-from optuna_prune.space import LayerMaskSpace, sampler_hints
+from optuna_prune.search.pruners import score_in_stages
+from optuna_prune.search.space import LayerMaskSpace, sampler_hints
 
 
 class ToySample(NamedTuple):
-    """A toy calibration sample's loss, as one "token" (see optuna_prune.pruners.SampleScore)."""
+    """A toy calibration sample's loss, as one "token" (see optuna_prune.search.pruners.SampleScore)."""
 
     loss_sum: float
     n_tokens: int = 1
@@ -98,7 +98,7 @@ def make_objective(
     intermediate value; with ``honour_stop`` the scoring stops as soon as the running lower bound
     exceeds STOP_ABOVE_KEY (PRUNED, ``stopped_early=True``). ``fail_if`` makes chosen trials FAIL.
     With ``stages`` (sample counts) exact-k masks are scored like the real objective's staged
-    (multi-fidelity) scoring, through :func:`optuna_prune.pruners.score_in_stages`.
+    (multi-fidelity) scoring, through :func:`optuna_prune.search.pruners.score_in_stages`.
     """
 
     def objective(trial: optuna.Trial) -> float:

@@ -60,7 +60,7 @@ def tiny_model() -> Callable[..., tf.PreTrainedModel]:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """An 8-layer random Llama saved as a normal checkpoint with SmolLM2's real tokenizer."""
-    from optuna_prune.models import smollm2_checkpoint
+    from optuna_prune.model.models import smollm2_checkpoint
 
     tokenizer = tf.AutoTokenizer.from_pretrained(smollm2_checkpoint())
     config = tf.LlamaConfig(
@@ -86,7 +86,7 @@ def recorded_study(tiny_checkpoint, tmp_path):
     from optuna.distributions import CategoricalDistribution
     from optuna.trial import TrialState, create_trial
 
-    from optuna_prune.config import SearchConfig
+    from optuna_prune.run.config import SearchConfig
 
     storage = f"sqlite:///{tmp_path / 'recorded.db'}"
     cfg = SearchConfig(model=str(tiny_checkpoint), drop=2, calibration="pydoc", n_samples=2, seq_len=32,

@@ -13,13 +13,12 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 from sqlalchemy import event
 
-from optuna_prune import compat
-from optuna_prune.samplers.batched_writes import (
+from optuna_prune.search import EvoPSampler, RandomMaskSampler, compat, suggest_mask
+from optuna_prune.search.samplers.batched_writes import (
     one_write_for_params,
     set_trial_params,
     set_trial_system_attrs,
 )
-from optuna_prune.subset import EvoPSampler, RandomMaskSampler, suggest_mask
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 N, K = 12, 4

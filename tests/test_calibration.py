@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from optuna_prune import calibration
-from optuna_prune.calibration import (
+from optuna_prune.model import calibration
+from optuna_prune.model.calibration import (
     CalibrationError,
     CalibrationSet,
     build_calibration,
@@ -18,7 +18,7 @@ from optuna_prune.calibration import (
     ids_sha256,
     load_texts,
 )
-from optuna_prune.models import smollm2_gguf
+from optuna_prune.model.models import smollm2_gguf
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not (DATA / "c4").is_dir(), reason=f"offline data not found at {DATA}")

@@ -11,9 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from optuna_prune.calibration import CalibrationError, build_calibration, load_texts
-from optuna_prune.ccds import CCDSConfig, cluster_chunks, embed, sample_from_clusters, split_chunks
-from optuna_prune.models import smollm2_gguf
+from optuna_prune.model.calibration import CalibrationError, build_calibration, load_texts
+from optuna_prune.model.ccds import (
+    CCDSConfig,
+    cluster_chunks,
+    embed,
+    sample_from_clusters,
+    split_chunks,
+)
+from optuna_prune.model.models import smollm2_gguf
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not (DATA / "c4").is_dir(), reason=f"offline data not found at {DATA}")

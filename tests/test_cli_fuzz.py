@@ -32,7 +32,7 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from optuna_prune.cli import build_parser, main
-from optuna_prune.config import SearchConfig
+from optuna_prune.run.config import SearchConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -297,7 +297,7 @@ def test_bad_input_is_refused_in_one_line_and_changes_nothing(world, capsys, arg
 
 
 def test_a_truncated_gguf_is_refused(world, capsys):
-    from optuna_prune.models import ModelNotFoundError, smollm2_gguf
+    from optuna_prune.model.models import ModelNotFoundError, smollm2_gguf
 
     try:
         gguf = smollm2_gguf()
@@ -321,7 +321,7 @@ def test_a_truncated_gguf_is_refused(world, capsys):
     ],
 )
 def test_device_checks_name_what_this_machine_has(monkeypatch, device, gpus, message):
-    from optuna_prune.devices import DeviceError, pick_device
+    from optuna_prune.model.devices import DeviceError, pick_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
@@ -387,12 +387,12 @@ def test_a_refused_resume_appends_no_trial(model_world, tiny_checkpoint, capsys,
     line = run_refused(model_world, capsys, tiny_search(tiny_checkpoint, "--drop", "2", "--population", "6"))
     assert "population_size=4 (now 6)" in line and "--new-study" in line
     # with --study it is refused before the model loads
-    import optuna_prune.models
+    import optuna_prune.model.models
 
     def no_load(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise AssertionError("the model was loaded before a check that needs none")
 
-    monkeypatch.setattr(optuna_prune.models, "load_model", no_load)
+    monkeypatch.setattr(optuna_prune.model.models, "load_model", no_load)
     for extra, needle in (
         (["--drop", "2", "--population", "6"], "population_size=4 (now 6)"),
         (["--drop", "3"], "num_drop=2, not 3"),
@@ -408,15 +408,15 @@ def test_a_refused_resume_appends_no_trial(model_world, tiny_checkpoint, capsys,
 def test_a_failed_setup_removes_the_study_it_created(model_world, tiny_checkpoint, capsys, monkeypatch):
     """A setup that fails after the study was created (here the fitness, i.e. the dense pass) removes
     that study, and the storage file and folders if it made them; other studies stay as they were."""
-    import optuna_prune.fitness
-    from optuna_prune.config import ConfigError
+    import optuna_prune.model.fitness
+    from optuna_prune.run.config import ConfigError
 
     assert main(tiny_search(tiny_checkpoint, "--drop", "2", "--n-trials", "1", "--sampler", "random")) == 0
 
     def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise ConfigError("fitness cannot be built; fix the test")
 
-    monkeypatch.setattr(optuna_prune.fitness, "make_fitness", broken)
+    monkeypatch.setattr(optuna_prune.model.fitness, "make_fitness", broken)
     before = snapshot(model_world)
     for storage in ("sqlite:///deep/new.db", "deep/new.log", "sqlite:///s.db"):
         assert main(tiny_search(tiny_checkpoint, "--drop", "2", "--study", "other", storage=storage)) == 2

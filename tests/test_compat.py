@@ -1,4 +1,4 @@
-"""Optuna's private API, as ``optuna_prune.compat`` relies on it, and the package's use of it.
+"""Optuna's private API, as ``optuna_prune.search.compat`` relies on it, and the package's use of it.
 
 Each check names what changed in the installed Optuna and which compat function needs updating,
 so an Optuna upgrade that breaks the package says where, before any search test fails obscurely.
@@ -17,7 +17,7 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.storages import RDBStorage
 
-from optuna_prune import compat
+from optuna_prune.search import compat
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 PACKAGE = Path(compat.__file__).parent
@@ -25,7 +25,7 @@ PACKAGE = Path(compat.__file__).parent
 
 def need(ok: object, thing: str, function: str) -> None:
     """Fails naming what changed and where to fix it."""
-    assert ok, f"optuna {optuna.__version__} changed {thing}: optuna_prune.compat.{function} needs updating"
+    assert ok, f"optuna {optuna.__version__} changed {thing}: optuna_prune.search.compat.{function} needs updating"
 
 
 def params_of(obj: object) -> list[str]:
@@ -241,7 +241,7 @@ def private_uses(package: Path) -> list[str]:
 
 def test_package_uses_optuna_private_api_only_through_compat() -> None:
     hits = private_uses(PACKAGE)
-    assert not hits, "Optuna private API outside optuna_prune/compat.py (add a compat function):\n" + "\n".join(hits)
+    assert not hits, "Optuna private API outside optuna_prune/search/compat.py (add a compat function):\n" + "\n".join(hits)
 
 
 def test_private_uses_finds_a_planted_use(tmp_path: Path) -> None:

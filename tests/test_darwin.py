@@ -15,12 +15,17 @@ from optuna.trial import TrialState
 from transformers import AutoModelForCausalLM
 
 from optuna_prune.cli import main
-from optuna_prune.config import ConfigError, SearchConfig
-from optuna_prune.layers import masked
-from optuna_prune.record import DARWIN_STAGES_ATTR, FINETUNE_ATTR
-from optuna_prune.samplers.darwin import DarwinSampler, Stage, check_survivors, stage_schedule
-from optuna_prune.space import LayerMaskSpace, SpaceError
-from optuna_prune.study import prepare
+from optuna_prune.model.layers import masked
+from optuna_prune.run.config import ConfigError, SearchConfig
+from optuna_prune.run.study import prepare
+from optuna_prune.search.record import DARWIN_STAGES_ATTR, FINETUNE_ATTR
+from optuna_prune.search.samplers.darwin import (
+    DarwinSampler,
+    Stage,
+    check_survivors,
+    stage_schedule,
+)
+from optuna_prune.search.space import LayerMaskSpace, SpaceError
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 GENERATION = "DarwinSampler:generation"
@@ -178,9 +183,14 @@ def test_search_prunes_offspring_and_finetune_saves_the_trained_model(tiny_check
     assert entry["after"]["calibration_perplexity"] != entry["before"]["calibration_perplexity"]
 
     # The same training done by hand gives the model the checkpoint holds.
-    from optuna_prune.calibration import build_calibration
-    from optuna_prune.models import load_model
-    from optuna_prune.training import MaskTraining, TrainSettings, token_data, training_windows
+    from optuna_prune.model.calibration import build_calibration
+    from optuna_prune.model.models import load_model
+    from optuna_prune.model.training import (
+        MaskTraining,
+        TrainSettings,
+        token_data,
+        training_windows,
+    )
 
     model, tokenizer = load_model(str(tiny_checkpoint))
     calibration = build_calibration(tokenizer, "pydoc", n_samples=2, seq_len=32, seed=0)

@@ -9,15 +9,15 @@ import lm_eval
 import pytest
 from lm_eval.tasks._yaml_loader import load_yaml
 
-from optuna_prune.downstream import (
+from optuna_prune.model.downstream import (
     DEFAULT_TASKS,
     OFFLINE_FILES,
     TASKS_DIR,
     DownstreamError,
     downstream,
 )
-from optuna_prune.layers import find_layer_stack
-from optuna_prune.models import load_model
+from optuna_prune.model.layers import find_layer_stack
+from optuna_prune.model.models import load_model
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 BUILTIN = Path(lm_eval.__file__).parent / "tasks"

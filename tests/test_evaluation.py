@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-import optuna_prune.downstream
-import optuna_prune.perplexity
-import optuna_prune.speed
+import optuna_prune.model.downstream
+import optuna_prune.model.perplexity
+import optuna_prune.model.speed
 from optuna_prune.cli import main
-from optuna_prune.evaluation import QUICK_LIMIT, EvalSettings, evaluate_study
+from optuna_prune.results.evaluation import QUICK_LIMIT, EvalSettings, evaluate_study
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SMALL = EvalSettings(seq_len=16, max_windows=2, max_chars=4000, prompt_tokens=8, new_tokens=3, repeats=1)
@@ -33,10 +33,10 @@ def counted(monkeypatch):
 
         monkeypatch.setattr(module, name, counting)
 
-    wrap(optuna_prune.perplexity, "perplexity", "perplexity")
-    wrap(optuna_prune.downstream, "downstream", "downstream")
-    wrap(optuna_prune.speed, "compare_speed", "speed")
-    wrap(optuna_prune.speed, "measure_speed", "speed")
+    wrap(optuna_prune.model.perplexity, "perplexity", "perplexity")
+    wrap(optuna_prune.model.downstream, "downstream", "downstream")
+    wrap(optuna_prune.model.speed, "compare_speed", "speed")
+    wrap(optuna_prune.model.speed, "measure_speed", "speed")
     return calls
 
 
@@ -121,7 +121,7 @@ def test_cli_shows_every_phase_with_time_left_and_quick_is_a_short_first_look(re
         limits.append(limit)
         return {t: {"acc": 0.5, "acc_stderr": None, "limit": limit} for t in tasks}
 
-    monkeypatch.setattr(optuna_prune.downstream, "downstream", fake)
+    monkeypatch.setattr(optuna_prune.model.downstream, "downstream", fake)
     assert main([*base, "--tasks", "winogrande,piqa", "--no-speed", "--no-progress"]) == 0
     assert limits == [QUICK_LIMIT] * 4  # dense and trial 2, each task on its own
     assert capsys.readouterr().err == ""  # --no-progress: silent

@@ -7,10 +7,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from optuna_prune.cli import main
-from optuna_prune.config import ConfigError
-from optuna_prune.export import TrialChoiceError, choose_trial, export_trial
-from optuna_prune.layers import masked
-from optuna_prune.models import load_model
+from optuna_prune.model.layers import masked
+from optuna_prune.model.models import load_model
+from optuna_prune.results.export import TrialChoiceError, choose_trial, export_trial
+from optuna_prune.run.config import ConfigError
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -80,13 +80,13 @@ def test_export_refuses_a_used_out_unless_overwrite_and_replaces_it_whole(record
 
 
 def test_a_failed_export_leaves_no_folder(recorded_study, tmp_path, monkeypatch):
-    import optuna_prune.layers
+    import optuna_prune.model.layers
 
     def half_written(model, dropped, out_dir, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
         (out_dir / "config.json").write_text("{}")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(optuna_prune.layers, "save_pruned", half_written)
+    monkeypatch.setattr(optuna_prune.model.layers, "save_pruned", half_written)
     with pytest.raises(OSError, match="No space left"):
         export_trial(recorded_study, 2, tmp_path / "new" / "pruned")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recorded.db"]

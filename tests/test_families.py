@@ -18,11 +18,11 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 from transformers import AutoModelForCausalLM
 
-from optuna_prune.calibration import CalibrationSet
-from optuna_prune.config import SearchConfig
-from optuna_prune.export import export_trial
-from optuna_prune.fitness import PerplexityFitness
-from optuna_prune.models import load_model
+from optuna_prune.model.calibration import CalibrationSet
+from optuna_prune.model.fitness import PerplexityFitness
+from optuna_prune.model.models import load_model
+from optuna_prune.results.export import export_trial
+from optuna_prune.run.config import SearchConfig
 from tests._gguf import write_gguf
 from tests.test_models import save_tiny_checkpoint
 

@@ -14,17 +14,17 @@ import transformers as tf
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
-from optuna_prune.budget import method_trials
 from optuna_prune.cli import main
-from optuna_prune.config import SearchConfig, load_config
-from optuna_prune.fitness import PerplexityFitness
-from optuna_prune.record import LEASE_KEY, PARENTS_KEY
-from optuna_prune.samplers import EvoPSampler
-from optuna_prune.samplers.base import MaskSampler
-from optuna_prune.space import LayerMaskSpace
-from optuna_prune.storage import fail_gone_trials, gone_trials, open_storage
-from optuna_prune.study import run_search
-from optuna_prune.worker import create_study
+from optuna_prune.model.fitness import PerplexityFitness
+from optuna_prune.run.budget import method_trials
+from optuna_prune.run.config import SearchConfig, load_config
+from optuna_prune.run.storage import fail_gone_trials, gone_trials, open_storage
+from optuna_prune.run.study import run_search
+from optuna_prune.run.worker import create_study
+from optuna_prune.search.record import LEASE_KEY, PARENTS_KEY
+from optuna_prune.search.samplers import EvoPSampler
+from optuna_prune.search.samplers.base import MaskSampler
+from optuna_prune.search.space import LayerMaskSpace
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -285,7 +285,7 @@ def test_a_trial_taken_from_a_frozen_worker_is_dropped_and_the_search_goes_on(ti
             return claim(self, study, trial, seed)
 
         monkeypatch.setattr(MaskSampler, "_claim", claim_after)
-    with caplog.at_level("WARNING", logger="optuna_prune.study"):
+    with caplog.at_level("WARNING", logger="optuna_prune.run.study"):
         study = run_search(cfg, progress=False)
     (number,) = taken
     warned = [r.getMessage() for r in caplog.records if "taken from this worker" in r.getMessage()]

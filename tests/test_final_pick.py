@@ -13,16 +13,21 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 from transformers import AutoModelForCausalLM
 
-from optuna_prune.calibration import CalibrationSet, build_calibration, ids_sha256, split_validation
 from optuna_prune.cli import main
-from optuna_prune.config import ConfigError, SearchConfig, load_config
-from optuna_prune.evaluation import evaluate_study
-from optuna_prune.export import choose_trial, export_trial
-from optuna_prune.final_pick import final_pick, pick_final, top_masks
-from optuna_prune.fitness import plain_forward_loss
-from optuna_prune.models import load_model
-from optuna_prune.problem import StudyMismatchError
-from optuna_prune.study import run_search
+from optuna_prune.model.calibration import (
+    CalibrationSet,
+    build_calibration,
+    ids_sha256,
+    split_validation,
+)
+from optuna_prune.model.fitness import plain_forward_loss
+from optuna_prune.model.models import load_model
+from optuna_prune.results.evaluation import evaluate_study
+from optuna_prune.results.export import choose_trial, export_trial
+from optuna_prune.run.config import ConfigError, SearchConfig, load_config
+from optuna_prune.run.final_pick import final_pick, pick_final, top_masks
+from optuna_prune.run.problem import StudyMismatchError
+from optuna_prune.run.study import run_search
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -159,7 +164,7 @@ def test_resume_with_another_split_is_refused_before_the_model_loads(tiny_checkp
     def no_model(*args, **kwargs):
         raise AssertionError("the model loaded before the mismatch was refused")
 
-    monkeypatch.setattr("optuna_prune.models.load_model", no_model)
+    monkeypatch.setattr("optuna_prune.model.models.load_model", no_model)
     with pytest.raises(StudyMismatchError, match="created with validation_samples=1, not 0; "):
         run_search(tiny_config(tiny_checkpoint, storage, validation_samples=0), progress=False)
     argv = ["search", "--model", str(tiny_checkpoint), "--drop", "3", "--calibration", "pydoc", "--n-samples", "3",

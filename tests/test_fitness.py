@@ -9,15 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from optuna_prune.calibration import CalibrationSet
-from optuna_prune.fitness import (
+from optuna_prune.model.calibration import CalibrationSet
+from optuna_prune.model.fitness import (
     KLFitness,
     NonFiniteLossError,
     PerplexityFitness,
     plain_forward_loss,
 )
-from optuna_prune.importance import block_influence, lowest
-from optuna_prune.layers import masked
+from optuna_prune.model.importance import block_influence, lowest
+from optuna_prune.model.layers import masked
 
 
 def random_calibration(n: int = 3, t: int = 24, vocab: int = 256, seed: int = 0, clusters=None) -> CalibrationSet:
@@ -162,8 +162,8 @@ def test_block_influence_ranks_layers(tiny_model):
 def test_chunked_token_losses_equal_the_whole_tensor_computation(tiny_model):
     """NLL, KL (to dense features or cached log-probs) and their gradients, computed 8 positions at a
     time, equal the plain computation on full [B, T, V] logits (Gemma: the softcap included)."""
-    from optuna_prune.fitness import token_losses
-    from optuna_prune.layers import lm_tail, model_features
+    from optuna_prune.model.fitness import token_losses
+    from optuna_prune.model.layers import lm_tail, model_features
 
     model = tiny_model("gemma3", num_layers=3)
     tail = lm_tail(model)
@@ -197,7 +197,7 @@ def test_chunked_token_losses_equal_the_whole_tensor_computation(tiny_model):
 
 def test_fitness_never_builds_full_logits(tiny_model, monkeypatch):
     """Scoring a mask computes the head on chunks of positions, never on a whole sample at once."""
-    import optuna_prune.fitness as fitness
+    import optuna_prune.model.fitness as fitness
 
     model = tiny_model("llama", num_layers=4)
     calib = random_calibration(n=2, t=40)

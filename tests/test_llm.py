@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from optuna_prune.llm import LLMError, OpenAIChat, TransformersChat, make_llm
+from optuna_prune.model.llm import LLMError, OpenAIChat, TransformersChat, make_llm
 from tests._chat_server import ChatServer
 
 MESSAGES = [{"role": "system", "content": "Reply with a list."}, {"role": "user", "content": "Go."}]

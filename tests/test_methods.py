@@ -9,8 +9,8 @@ import optuna
 import pytest
 
 from optuna_prune.cli import build_parser, search_config
-from optuna_prune.config import ConfigError, SearchConfig, from_record
-from optuna_prune.methods import (
+from optuna_prune.run.config import ConfigError, SearchConfig, from_record
+from optuna_prune.run.methods import (
     METHODS,
     SPACES,
     DarwinOptions,
@@ -20,7 +20,7 @@ from optuna_prune.methods import (
     SLEBOptions,
     seed_methods,
 )
-from optuna_prune.study import default_budget, make_pruner, make_sampler, make_space
+from optuna_prune.run.study import default_budget, make_pruner, make_sampler, make_space
 
 PACKAGE = Path(__file__).resolve().parents[1] / "optuna_prune"
 NUM_LAYERS = 8
@@ -111,7 +111,23 @@ def test_no_method_name_is_compared_outside_the_registry() -> None:
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
         if any(p.search(line) for p in patterns)
     ]
-    assert not found, "method names compared outside optuna_prune/methods.py:\n" + "\n".join(found)
+    assert not found, "method names compared outside optuna_prune/run/methods.py:\n" + "\n".join(found)
+
+
+def test_no_space_name_is_compared_outside_the_registry_and_the_record() -> None:
+    names = "|".join(SPACES)
+    patterns = [
+        re.compile(r"""space\b[\w.()"']* *(==|!=|in\b|not in\b) *[("'{]"""),
+        re.compile(rf"""(==|!=) *["']({names})["']"""),
+        re.compile(rf"""["']({names})["'] *(==|!=|in\b|not in\b|:)"""),
+    ]
+    found = [
+        f"{path.relative_to(PACKAGE)}:{number}: {line.strip()}"
+        for path in sorted(PACKAGE.rglob("*.py")) if path.name not in ("methods.py", "record.py")
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if any(p.search(line) for p in patterns) and not line.lstrip().startswith("#")
+    ]
+    assert not found, "space names compared outside run/methods.py and search/record.py:\n" + "\n".join(found)
 
 
 def test_options_belong_to_their_method_and_keep_the_flat_spelling() -> None:
@@ -175,10 +191,10 @@ def test_old_records_load_into_the_method_options() -> None:
 
 
 def test_a_study_recorded_by_the_old_config_resumes(tiny_checkpoint, tmp_path) -> None:
-    from optuna_prune.budget import method_trials
-    from optuna_prune.problem import config_of
-    from optuna_prune.samplers import LevelSwitchSampler
-    from optuna_prune.worker import create_study, run_worker
+    from optuna_prune.run.budget import method_trials
+    from optuna_prune.run.problem import config_of
+    from optuna_prune.run.worker import create_study, run_worker
+    from optuna_prune.search.samplers import LevelSwitchSampler
 
     storage = f"sqlite:///{tmp_path / 'old.db'}"
     record = {**OLD_LEVELSWITCH_RECORD, "model": str(tiny_checkpoint), "storage": storage}

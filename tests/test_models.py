@@ -10,8 +10,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoConfig, PreTrainedTokenizerFast
 
-from optuna_prune.layers import find_layer_stack, save_pruned
-from optuna_prune.models import (
+from optuna_prune.model.layers import find_layer_stack, save_pruned
+from optuna_prune.model.models import (
     ModelNotFoundError,
     load_model,
     model_identity,
@@ -105,7 +105,7 @@ def _tiny_gguf(tiny_model, folder: Path, arch: str = "llama") -> tuple[torch.nn.
 
 
 def test_gguf_file_is_converted_once_into_a_content_keyed_cache(tiny_model, tmp_path, monkeypatch):
-    import optuna_prune.models as models
+    import optuna_prune.model.models as models
 
     monkeypatch.setenv("OPTUNA_PRUNE_CACHE", str(tmp_path / "cache"))
     conversions: list[Path] = []
@@ -134,7 +134,7 @@ def test_gguf_file_is_converted_once_into_a_content_keyed_cache(tiny_model, tmp_
 
 
 def test_gguf_hash_is_memoised_by_path_size_and_mtime(tiny_model, tmp_path, monkeypatch):
-    import optuna_prune.models as models
+    import optuna_prune.model.models as models
 
     _, path = _tiny_gguf(tiny_model, tmp_path)
     first = models.file_sha256(path, tmp_path / "cache")

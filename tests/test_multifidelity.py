@@ -14,15 +14,15 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
-from optuna_prune.config import ConfigError, SearchConfig
-from optuna_prune.pruners import (
+from optuna_prune.run.config import ConfigError, SearchConfig
+from optuna_prune.search.pruners import (
     GenerationHalvingPruner,
     check_stages,
     default_stages,
     score_in_stages,
 )
-from optuna_prune.samplers import EvoPSampler, LevelSwitchSampler, trial_loss, trial_mask
-from optuna_prune.space import LayerMaskSpace
+from optuna_prune.search.samplers import EvoPSampler, LevelSwitchSampler, trial_loss, trial_mask
+from optuna_prune.search.space import LayerMaskSpace
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -284,7 +284,7 @@ def test_levelswitch_rounds_keep_the_parent_with_staged_selection() -> None:
 
 def test_cli_flags_and_toml_give_the_schedule(tmp_path: Path) -> None:
     from optuna_prune.cli import build_parser, search_config
-    from optuna_prune.config import load_config
+    from optuna_prune.run.config import load_config
 
     args = build_parser().parse_args(
         ["search", "--sparsity", "0.2", "--n-samples", "8", "--fidelity", "1,2,4", "--fidelity-keep", "0.25"]
@@ -304,7 +304,7 @@ def test_cli_flags_and_toml_give_the_schedule(tmp_path: Path) -> None:
 @pytest.mark.filterwarnings("ignore")
 @pytest.mark.parametrize("sampler", ["evop", "levelswitch"])
 def test_run_search_scores_in_stages(tiny_checkpoint: Path, tmp_path: Path, sampler: str) -> None:
-    from optuna_prune.study import run_search
+    from optuna_prune.run.study import run_search
 
     cfg = SearchConfig(
         model=str(tiny_checkpoint), drop=3, sampler=sampler, calibration="pydoc", n_samples=4,
@@ -337,11 +337,11 @@ def test_sleb_with_fidelity_ranks_candidates_within_their_step(tiny_model) -> No
     step still picks its best fully scored candidate."""
     import torch
 
-    from optuna_prune.calibration import CalibrationSet
-    from optuna_prune.fitness import PerplexityFitness
-    from optuna_prune.objective import MaskObjective
-    from optuna_prune.record import STEP_KEY
-    from optuna_prune.samplers import SLEBSampler, sleb_result
+    from optuna_prune.model.calibration import CalibrationSet
+    from optuna_prune.model.fitness import PerplexityFitness
+    from optuna_prune.run.objective import MaskObjective
+    from optuna_prune.search.record import STEP_KEY
+    from optuna_prune.search.samplers import SLEBSampler, sleb_result
 
     model = tiny_model("llama", num_layers=10)
     ids = torch.randint(3, 256, (4, 32), generator=torch.Generator().manual_seed(0))

@@ -18,7 +18,7 @@ from optuna.testing.pytest_samplers import (
     RelativeSamplerTestCase,
 )
 
-from optuna_prune.subset import (
+from optuna_prune.search import (
     EvoPSampler,
     ExhaustiveMaskSampler,
     LevelSwitchSampler,

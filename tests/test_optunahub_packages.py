@@ -10,7 +10,7 @@ from pathlib import Path
 import optunahub
 import pytest
 
-from optuna_prune import subset
+from optuna_prune import search
 
 ROOT = Path(__file__).resolve().parents[1]
 REGISTRY = ROOT / "package"
@@ -38,8 +38,8 @@ def test_package_loads_the_library_code_and_runs(name: str, capsys: pytest.Captu
     assert "sampler" in meta["tags"].strip("[]").split(", ")  # the registry's rule for samplers
     module = optunahub.load_local_module(f"samplers/{name}", registry_root=str(REGISTRY))
     (cls,) = (n for n in module.__all__ if n.endswith("Sampler"))
-    assert getattr(module, cls) is getattr(subset, cls)  # imported, not a copy
-    assert module.suggest_mask is subset.suggest_mask
+    assert getattr(module, cls) is getattr(search, cls)  # imported, not a copy
+    assert module.suggest_mask is search.suggest_mask
     runpy.run_path(str(folder / "example.py"), run_name="__main__")
     best, chosen = capsys.readouterr().out.split(" ", 1)
     assert float(best) > 0 and len(eval(chosen)) == 3  # noqa: S307 - a tuple we printed

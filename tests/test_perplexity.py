@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from optuna_prune.calibration import CalibrationError, eval_token_stream
-from optuna_prune.layers import find_layer_stack, prune_model
-from optuna_prune.models import load_model
-from optuna_prune.perplexity import cross_domain, perplexity, windows, windows_perplexity
+from optuna_prune.model.calibration import CalibrationError, eval_token_stream
+from optuna_prune.model.layers import find_layer_stack, prune_model
+from optuna_prune.model.models import load_model
+from optuna_prune.model.perplexity import cross_domain, perplexity, windows, windows_perplexity
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

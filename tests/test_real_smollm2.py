@@ -8,12 +8,12 @@ from pathlib import Path
 import optuna
 import pytest
 
-from optuna_prune.calibration import CalibrationSet, build_calibration, eval_token_stream
-from optuna_prune.fitness import PerplexityFitness, plain_forward_loss
-from optuna_prune.models import load_model
-from optuna_prune.objective import MaskObjective
-from optuna_prune.samplers import SLEBSampler, sleb_result
-from optuna_prune.space import LayerMaskSpace
+from optuna_prune.model.calibration import CalibrationSet, build_calibration, eval_token_stream
+from optuna_prune.model.fitness import PerplexityFitness, plain_forward_loss
+from optuna_prune.model.models import load_model
+from optuna_prune.run.objective import MaskObjective
+from optuna_prune.search.samplers import SLEBSampler, sleb_result
+from optuna_prune.search.space import LayerMaskSpace
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 pytestmark = [

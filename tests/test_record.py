@@ -10,14 +10,16 @@ from pathlib import Path
 import optuna
 import pytest
 
-from optuna_prune.problem import default_study_name
-from optuna_prune.record import (
+from optuna_prune.run.methods import SPACES
+from optuna_prune.run.problem import default_study_name
+from optuna_prune.search.record import (
     DROPPED_ATTR,
     METHOD_KEY,
     N_DROPPED_ATTR,
     problem_units,
     record_candidate,
     record_dropped,
+    recorded_space,
     trial_dropped,
     trial_method,
     trial_worker,
@@ -44,6 +46,16 @@ def test_problem_units_and_the_study_name_count_the_same_units() -> None:
     assert default_study_name(PROBLEM) == "tiny-drop3of8-pydoc-perplexity"
     assert default_study_name(blocks) == "tiny-blocks3of16-pydoc-perplexity"
     assert default_study_name(rates) == "tiny-rates3of32-pydoc-perplexity"
+
+
+def test_each_registered_space_records_what_its_readers_read_back() -> None:
+    for name, kind in SPACES.items():
+        problem = {**PROBLEM, **kind.record.problem_fields(rate_resolution=4)}
+        assert recorded_space(problem) is kind.record, name
+        assert problem.get("space") == kind.record.recorded_name  # layers: no key, as in old studies
+    assert "space" not in {**PROBLEM, **SPACES["layers"].record.problem_fields(4)}
+    assert recorded_space({**PROBLEM, "space": "rates", "rate_resolution": 4}).layer_mask is False
+    assert recorded_space(None).unit == "layers" and recorded_space({"space": "sublayers"}).sub_blocks
 
 
 def test_trial_readers_read_what_the_writers_wrote() -> None:
@@ -78,4 +90,4 @@ def test_only_the_record_module_spells_a_system_attr_key() -> None:
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
         if re.search(r"[\"']optuna_prune:", line)
     ]
-    assert not spelled, f"system attr keys spelled outside optuna_prune/record.py: {spelled}"
+    assert not spelled, f"system attr keys spelled outside optuna_prune/search/record.py: {spelled}"

@@ -14,17 +14,17 @@ import pytest
 from optuna.trial import TrialState, create_trial
 from optuna_dashboard._custom_plot_data import get_plotly_graph_objects
 
-from optuna_prune import figures
-from optuna_prune.ccds import CCDSConfig, Clusters
 from optuna_prune.cli import main
-from optuna_prune.config import SearchConfig
-from optuna_prune.problem import StudyMismatchError
-from optuna_prune.record import METHOD_KEY, STEP_KEY
-from optuna_prune.report import write_report
-from optuna_prune.space import LayerMaskSpace
-from optuna_prune.storage import open_storage
-from optuna_prune.study import run_search
-from optuna_prune.summary import summarise
+from optuna_prune.model.ccds import CCDSConfig, Clusters
+from optuna_prune.results import figures
+from optuna_prune.results.report import write_report
+from optuna_prune.run.config import SearchConfig
+from optuna_prune.run.problem import StudyMismatchError
+from optuna_prune.run.storage import open_storage
+from optuna_prune.run.study import run_search
+from optuna_prune.run.summary import summarise
+from optuna_prune.search.record import METHOD_KEY, STEP_KEY
+from optuna_prune.search.space import LayerMaskSpace
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

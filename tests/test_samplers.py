@@ -19,7 +19,7 @@ from optuna.storages import InMemoryStorage, JournalStorage, RetryHeartbeatStale
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
-from optuna_prune.record import (
+from optuna_prune.search.record import (
     ALLOW_PARTIAL_KEY,
     METHOD_KEY,
     ORIGIN_KEY,
@@ -28,7 +28,7 @@ from optuna_prune.record import (
     STOP_ABOVE_KEY,
     SURPLUS_KEY,
 )
-from optuna_prune.samplers import (
+from optuna_prune.search.samplers import (
     EvoPSampler,
     ExhaustiveMaskSampler,
     RandomMaskSampler,
@@ -38,8 +38,8 @@ from optuna_prune.samplers import (
     trial_loss,
     trial_mask,
 )
-from optuna_prune.samplers.exhaustive import _rank, _unrank
-from optuna_prune.space import (
+from optuna_prune.search.samplers.exhaustive import _rank, _unrank
+from optuna_prune.search.space import (
     LayerMaskSpace,
     SpaceError,
 )
@@ -503,7 +503,7 @@ def test_a_rival_that_claims_and_finishes_a_mask_between_read_and_claim_is_seen(
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_a_worker_killed_while_proposing_leaves_a_trial_that_is_retried(tmp_path: Path) -> None:
     """Optuna beats only from the objective on, and never fails a RUNNING trial without beats."""
-    from optuna_prune.storage import open_storage
+    from optuna_prune.run.storage import open_storage
 
     space = LayerMaskSpace(8, 3)
     storage = open_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat=1)

@@ -43,8 +43,8 @@ def test_the_blocker_blocks() -> None:
 
 def test_search_api_imports_and_the_example_runs_without_torch() -> None:
     done = run_without_llm_extra(
-        "import optuna_prune, optuna_prune.subset, optuna_prune.samplers, optuna_prune.pruners\n"
-        "import optuna_prune.record, optuna_prune.samplers.darwin\n"
+        "import optuna_prune, optuna_prune.search, optuna_prune.search.samplers, optuna_prune.search.pruners\n"
+        "import optuna_prune.search.record, optuna_prune.search.samplers.darwin\n"
         "import runpy; runpy.run_path('examples/subset_selection.py', run_name='__main__')\n"
         f"assert not {{m for m in sys.modules if m.partition('.')[0] in {set(LLM_EXTRA)!r}}}\n"
     )

@@ -13,11 +13,11 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from optuna_prune.rate_space import RateSpace
-from optuna_prune.record import LLM_KEY, ORIGIN_KEY
-from optuna_prune.samplers import SelfPrunerSampler, llm_stats, trial_mask
-from optuna_prune.samplers.selfpruner import COUNTER_PREFIX, first_int_list
-from optuna_prune.space import LayerMaskSpace
+from optuna_prune.search.rate_space import RateSpace
+from optuna_prune.search.record import LLM_KEY, ORIGIN_KEY
+from optuna_prune.search.samplers import SelfPrunerSampler, llm_stats, trial_mask
+from optuna_prune.search.samplers.selfpruner import COUNTER_PREFIX, first_int_list
+from optuna_prune.search.space import LayerMaskSpace
 from tests._toy import ToyLoss, make_objective
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -207,7 +207,7 @@ def test_rates_space_small_enough_to_exhaust():
 def test_search_with_an_http_llm_end_to_end(tiny_checkpoint, tmp_path):
     """``optuna-prune search --sampler selfpruner --llm http://...`` on a tiny model."""
     from optuna_prune.cli import main
-    from optuna_prune.problem import load_existing_study
+    from optuna_prune.run.problem import load_existing_study
     from tests._chat_server import ChatServer
 
     def respond(body: dict) -> str:
@@ -236,7 +236,7 @@ def test_real_smollm2_as_the_llm():
 
     Prints how many candidates came from the LLM and how many from the genetic fallback.
     """
-    from optuna_prune.llm import TransformersChat
+    from optuna_prune.model.llm import TransformersChat
 
     space = LayerMaskSpace(30, 6, protected=(0, 29))
     start = time.perf_counter()

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from optuna_prune.record import ALLOW_PARTIAL_KEY, STOP_ABOVE_KEY
-from optuna_prune.samplers import operators
-from optuna_prune.space import (
+from optuna_prune.search.record import ALLOW_PARTIAL_KEY, STOP_ABOVE_KEY
+from optuna_prune.search.samplers import operators
+from optuna_prune.search.space import (
     LayerMaskSpace,
     SpaceError,
     resolve_num_drop,

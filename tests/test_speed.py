@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from optuna_prune.layers import find_layer_stack
-from optuna_prune.models import load_model
-from optuna_prune.speed import compare_speed, measure_speed
+from optuna_prune.model.layers import find_layer_stack
+from optuna_prune.model.models import load_model
+from optuna_prune.model.speed import compare_speed, measure_speed
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 SMALL = dict(prompt_tokens=12, new_tokens=4, repeats=2, warmup=1)

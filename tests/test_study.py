@@ -17,13 +17,13 @@ import pytest
 from optuna.trial import TrialState
 
 from optuna_prune.cli import main
-from optuna_prune.config import SearchConfig
-from optuna_prune.problem import StudyMismatchError, open_study
-from optuna_prune.record import METHOD_KEY
-from optuna_prune.samplers import EvoPSampler
-from optuna_prune.storage import StorageError, open_storage
-from optuna_prune.study import run_search
-from optuna_prune.summary import best_by_method
+from optuna_prune.run.config import SearchConfig
+from optuna_prune.run.problem import StudyMismatchError, open_study
+from optuna_prune.run.storage import StorageError, open_storage
+from optuna_prune.run.study import run_search
+from optuna_prune.run.summary import best_by_method
+from optuna_prune.search.record import METHOD_KEY
+from optuna_prune.search.samplers import EvoPSampler
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -233,7 +233,7 @@ def test_cli_studies_and_show(tiny_checkpoint, tmp_path, capsys):
 
 
 def test_no_torch_on_the_search_side():
-    code = "import sys, optuna_prune.space, optuna_prune.samplers; print('torch' in sys.modules)"
+    code = "import sys, optuna_prune.search.space, optuna_prune.search.samplers; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ})
     assert out.stdout.strip() == "False", out.stderr
 
@@ -290,7 +290,7 @@ def test_every_command_and_shipped_config_use_one_default_storage(tiny_checkpoin
     import shlex
 
     from optuna_prune.cli import build_parser
-    from optuna_prune.config import DEFAULT_STORAGE, load_config
+    from optuna_prune.run.config import DEFAULT_STORAGE, load_config
 
     for path in sorted((Path(__file__).parents[1] / "studies").glob("*.toml")):
         assert load_config(path).storage in (None, DEFAULT_STORAGE), path.name

@@ -10,15 +10,15 @@ import torch
 import transformers as tf
 from test_fitness import random_calibration
 
-from optuna_prune.fitness import KLFitness, PerplexityFitness, plain_forward_loss
-from optuna_prune.layers import (
+from optuna_prune.model.fitness import KLFitness, PerplexityFitness, plain_forward_loss
+from optuna_prune.model.layers import (
     SubBlocks,
     UnsupportedModelError,
     find_layer_stack,
     save_pruned,
     sub_block_names,
 )
-from optuna_prune.space import LayerMaskSpace, SpaceError, SubBlockSpace
+from optuna_prune.search.space import LayerMaskSpace, SpaceError, SubBlockSpace
 
 UNIT_MASKS = [(), (0,), (1,), (0, 1), (3,), (2, 5), (4, 5, 6), (1, 2, 9), (10, 11), (0, 3, 4, 7, 11)]
 
@@ -100,7 +100,7 @@ def test_sub_block_space_is_an_exact_k_space_over_2l_units() -> None:
 
 
 def sub_block_config(checkpoint, storage: str, **changes):
-    from optuna_prune.config import SearchConfig
+    from optuna_prune.run.config import SearchConfig
 
     base = dict(model=str(checkpoint), space="sublayers", drop=2, sampler="evop", calibration="pydoc",
                 n_samples=2, seq_len=32, population=4, n_trials=6, seed=0, storage=storage, study="blocks")
@@ -112,14 +112,14 @@ def test_searches_export_and_evaluation_speak_sub_blocks(tiny_checkpoint, tmp_pa
     import optuna
     from optuna.trial import TrialState
 
-    from optuna_prune.evaluation import EvalSettings, evaluate_study
-    from optuna_prune.export import export_trial
-    from optuna_prune.figures import all_figures
-    from optuna_prune.models import load_model
-    from optuna_prune.perplexity import perplexity
-    from optuna_prune.problem import StudyMismatchError
-    from optuna_prune.samplers import sleb_result
-    from optuna_prune.study import run_search
+    from optuna_prune.model.models import load_model
+    from optuna_prune.model.perplexity import perplexity
+    from optuna_prune.results.evaluation import EvalSettings, evaluate_study
+    from optuna_prune.results.export import export_trial
+    from optuna_prune.results.figures import all_figures
+    from optuna_prune.run.problem import StudyMismatchError
+    from optuna_prune.run.study import run_search
+    from optuna_prune.search.samplers import sleb_result
 
     storage = f"sqlite:///{tmp_path / 'blocks.db'}"
     run_search(sub_block_config(tiny_checkpoint, storage, sampler="sleb", n_trials=None), progress=False)
@@ -161,7 +161,7 @@ def test_searches_export_and_evaluation_speak_sub_blocks(tiny_checkpoint, tmp_pa
     ({"sampler": "evop", "seed_with": ["shortgpt"]}, "not with seed_with shortgpt"),
 ])
 def test_sub_blocks_refuse_layer_only_methods(changes, message):
-    from optuna_prune.config import ConfigError
+    from optuna_prune.run.config import ConfigError
 
     with pytest.raises(ConfigError, match=message):
         sub_block_config("m", "sqlite://", **changes)

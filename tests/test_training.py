@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from optuna_prune.calibration import CalibrationError, build_calibration
-from optuna_prune.fitness import token_losses
-from optuna_prune.layers import find_layer_stack, lm_tail, masked, model_features
-from optuna_prune.training import (
+from optuna_prune.model.calibration import CalibrationError, build_calibration
+from optuna_prune.model.fitness import token_losses
+from optuna_prune.model.layers import find_layer_stack, lm_tail, masked, model_features
+from optuna_prune.model.training import (
     MaskTraining,
     ParamSnapshot,
     TrainingError,

@@ -13,13 +13,11 @@ import pytest
 import torch
 import transformers as tf
 
-from optuna_prune.calibration import CalibrationSet
-from optuna_prune.fitness import plain_forward_loss
-from optuna_prune.layers import UnsupportedModelError
-from optuna_prune.models import ModelNotFoundError, load_width_pruned
-from optuna_prune.rate_space import RateSpace
-from optuna_prune.space import SpaceError
-from optuna_prune.width import (
+from optuna_prune.model.calibration import CalibrationSet
+from optuna_prune.model.fitness import plain_forward_loss
+from optuna_prune.model.layers import UnsupportedModelError
+from optuna_prune.model.models import ModelNotFoundError, load_width_pruned
+from optuna_prune.model.width import (
     SIZES_KEY,
     WidthFitness,
     channel_importance,
@@ -29,6 +27,8 @@ from optuna_prune.width import (
     prune_channels,
     save_width_pruned,
 )
+from optuna_prune.search.rate_space import RateSpace
+from optuna_prune.search.space import SpaceError
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -159,9 +159,9 @@ def test_width_fitness_scores_by_masking(tiny_model):
 def test_rates_search_end_to_end(tiny_checkpoint, tmp_path):
     """``optuna-prune search --sampler selfpruner --space rates`` on a tiny Llama with a stub LLM."""
     from optuna_prune.cli import main
-    from optuna_prune.problem import load_existing_study
-    from optuna_prune.samplers import llm_stats
-    from optuna_prune.storage import open_storage
+    from optuna_prune.run.problem import load_existing_study
+    from optuna_prune.run.storage import open_storage
+    from optuna_prune.search.samplers import llm_stats
     from tests._chat_server import ChatServer
 
     def respond(body: dict) -> str:
@@ -193,7 +193,7 @@ def test_rates_search_end_to_end(tiny_checkpoint, tmp_path):
 
 
 def test_load_model_recognises_width_pruned_checkpoints(tiny_checkpoint, tmp_path):
-    from optuna_prune.models import load_model
+    from optuna_prune.model.models import load_model
 
     model, tokenizer = load_model(str(tiny_checkpoint), device="cpu")
     cal = calibration(vocab=len(tokenizer))

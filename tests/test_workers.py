@@ -26,10 +26,10 @@ import pytest
 from optuna.trial import TrialState
 
 from optuna_prune.cli import main
-from optuna_prune.record import LEASE_KEY, MASK_KEY, METHOD_KEY, PARENTS_KEY
-from optuna_prune.samplers import EvoPSampler
-from optuna_prune.storage import ConcurrentSQLiteError, open_storage
-from optuna_prune.worker import run_worker
+from optuna_prune.run.storage import ConcurrentSQLiteError, open_storage
+from optuna_prune.run.worker import run_worker
+from optuna_prune.search.record import LEASE_KEY, MASK_KEY, METHOD_KEY, PARENTS_KEY
+from optuna_prune.search.samplers import EvoPSampler
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

@@ -1,5 +1,5 @@
 """OptunaHub face of optuna-prune's LevelSwitchSampler: the package code itself, imported, not copied."""
 
-from optuna_prune.subset import LevelSwitchSampler, suggest_mask
+from optuna_prune.search import LevelSwitchSampler, suggest_mask
 
 __all__ = ["LevelSwitchSampler", "suggest_mask"]

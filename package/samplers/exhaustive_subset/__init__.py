@@ -1,5 +1,5 @@
 """OptunaHub face of optuna-prune's ExhaustiveMaskSampler: the package code itself, imported, not copied."""
 
-from optuna_prune.subset import ExhaustiveMaskSampler, suggest_mask
+from optuna_prune.search import ExhaustiveMaskSampler, suggest_mask
 
 __all__ = ["ExhaustiveMaskSampler", "suggest_mask"]

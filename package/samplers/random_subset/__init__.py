@@ -1,5 +1,5 @@
 """OptunaHub face of optuna-prune's RandomMaskSampler: the package code itself, imported, not copied."""
 
-from optuna_prune.subset import RandomMaskSampler, suggest_mask
+from optuna_prune.search import RandomMaskSampler, suggest_mask
 
 __all__ = ["RandomMaskSampler", "suggest_mask"]
