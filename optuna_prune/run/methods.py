@@ -15,8 +15,8 @@ Adding a method ``foo``:
    and CLI flags by themselves. Override ``pruner``, ``budget``, ``objective``, ``inputs`` or the
    seeding fields only where the method differs from the defaults.
 
-This is the glue level: samplers and pruners are imported here; model-side parts (objectives,
-fitnesses, training, LLM clients) only inside the functions that build them, since they need torch.
+This is the glue level: samplers and pruners are imported here; the parts that load torch (objectives,
+fitnesses, training) only inside the functions that build them.
 """
 
 from __future__ import annotations
@@ -294,10 +294,8 @@ def _one_evaluation(n_trials: int | None, sampler: Sampler) -> int | None:
 
 
 def _darwin_objective(cfg: SearchConfig, fitness: Any, space: LayerMaskSpace, tokenizer: Any, inputs: Any) -> Any:
-    # deferred: loads torch, transformers only when this runs
-    from optuna_prune.run.darwin_objective import (
-        make_darwin_objective,  # model side: training needs torch
-    )
+    # deferred: model side, training needs torch
+    from optuna_prune.run.darwin_objective import make_darwin_objective
 
     return make_darwin_objective(cfg, fitness, space, tokenizer, inputs)
 
