@@ -8,9 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import optuna_prune.model.downstream
-import optuna_prune.model.perplexity
-import optuna_prune.model.speed
+import optuna_prune.results.evaluation as evaluation
 from optuna_prune.cli import main
 from optuna_prune.results.evaluation import QUICK_LIMIT, EvalSettings, evaluate_study
 
@@ -33,10 +31,10 @@ def counted(monkeypatch):
 
         monkeypatch.setattr(module, name, counting)
 
-    wrap(optuna_prune.model.perplexity, "perplexity", "perplexity")
-    wrap(optuna_prune.model.downstream, "downstream", "downstream")
-    wrap(optuna_prune.model.speed, "compare_speed", "speed")
-    wrap(optuna_prune.model.speed, "measure_speed", "speed")
+    wrap(evaluation, "perplexity", "perplexity")
+    wrap(evaluation, "downstream", "downstream")
+    wrap(evaluation, "compare_speed", "speed")
+    wrap(evaluation, "measure_speed", "speed")
     return calls
 
 
@@ -121,7 +119,7 @@ def test_cli_shows_every_phase_with_time_left_and_quick_is_a_short_first_look(re
         limits.append(limit)
         return {t: {"acc": 0.5, "acc_stderr": None, "limit": limit} for t in tasks}
 
-    monkeypatch.setattr(optuna_prune.model.downstream, "downstream", fake)
+    monkeypatch.setattr(evaluation, "downstream", fake)
     assert main([*base, "--tasks", "winogrande,piqa", "--no-speed", "--no-progress"]) == 0
     assert limits == [QUICK_LIMIT] * 4  # dense and trial 2, each task on its own
     assert capsys.readouterr().err == ""  # --no-progress: silent
