@@ -22,8 +22,10 @@ finished one.
 ``evop+mf+val`` is the default search with a validation split (``validation_samples = 2``): it searches on
 the draw's first 6 windows and its final mask is the one of its 5 best distinct masks with the lowest loss
 on the last 2 (calibration windows, not held-out text); its ``calibration_ppl`` is on the 6 search windows.
+``evop+mf+ccds+val`` is the same search on CCDS-chosen windows (those ``sleb+ccds`` searches).
 
-Usage (about an hour for 30% with 5 draws on an idle 2-core machine):
+Usage (measured on an idle 2-core machine, 2026-12-04: SLEB's search takes about 8 minutes at 30%, so
+a draw takes about 35 minutes with two methods under test, plus about 9 for each further one):
     python benchmarks/robustness.py --sparsities 0.3 --draws 5
     python benchmarks/robustness.py --sparsities 0.2 0.4 --draws 3
     python benchmarks/robustness.py --sparsities 0.3 --draws 5 --methods evop+mf evop+mf+val --resume
@@ -57,6 +59,8 @@ PHASES: dict[str, list[tuple[str, dict[str, Any]]]] = {
     # The default search with a validation split: the last 2 of the draw's windows are held out of it, and
     # the final mask is the one of the 5 best distinct masks with the lowest loss on them (final_pick.py).
     "evop+mf+val": [("evop", {"validation_samples": 2, "pick_top": 5})],
+    # The same on CCDS-chosen windows (EvoP's calibration sampling), the windows sleb+ccds searches.
+    "evop+mf+ccds+val": [("evop", {"ccds": True, "validation_samples": 2, "pick_top": 5})],
 }
 BASELINES = ("sleb", "sleb+ccds", "shortgpt")
 
