@@ -84,16 +84,18 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fitness", choices=("perplexity", "kl"))
     p.add_argument("--calibration", help="wikitext2, c4, ptb, pydoc, or a .txt/.jsonl/.parquet file or folder")
     p.add_argument("--data-dir", help="offline copies of wikitext2/c4 (layout of ../shared/data)")
-    p.add_argument("--n-samples", type=int, help="calibration samples (default 5)")
+    p.add_argument("--n-samples", type=int, help="calibration samples (default 8)")
     p.add_argument("--seq-len", type=int, help="tokens per calibration sample (default 2048)")
     p.add_argument("--validation-samples", type=int, help="of the --n-samples windows, hold this many out of the "
-                   "search and pick the final mask among the best ones by its loss on them (0: off, the default)")
+                   "search and pick the final mask among the best ones by its loss on them (default: 2 from 8 windows on, "
+                   "else 0; 0: off)")
     p.add_argument("--pick-top", type=int, help="with --validation-samples: distinct best masks scored on them (5)")
-    p.add_argument("--ccds-clusters", type=int, help="EvoP CCDS: cluster the corpus into K clusters (0: off)")
+    p.add_argument("--ccds-clusters", type=int, help="EvoP CCDS: draw the windows from K clusters of the corpus (default: 4 "
+                   "when the search keeps 4 or more windows, else 0; 0: off, random windows)")
     p.add_argument("--objective-mode", choices=("mean", "worst", "clusters"))
     p.add_argument("--seed", type=int)
     p.add_argument("--n-trials", type=int, help="this method's evaluation budget in the study")
-    p.add_argument("--timeout", type=float, help="stop after this many seconds (> 0; default: no limit)")
+    p.add_argument("--timeout", type=float, help="stop after this many seconds of this run, preparation (model, calibration, CCDS) included (> 0; default: no limit)")
     p.add_argument("--storage", help=STORAGE_HELP)
     p.add_argument("--study", help="study name (default: derived from model, k and calibration)")
     _add_option_flags(p)

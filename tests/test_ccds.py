@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from optuna_prune.model.calibration import CalibrationError, build_calibration, load_texts
+from optuna_prune.model.calibration import CalibrationError, build_calibration, forget_clusters, load_texts
 from optuna_prune.model.ccds import (
     CCDSConfig,
     cluster_chunks,
@@ -156,6 +156,7 @@ def test_encoder_from_a_local_folder_matches_the_named_one():
 def test_ccds_on_c4_represents_every_cluster_and_is_seeded(tokenizer):
     cfg = CCDSConfig(n_clusters=4, max_chunks=40)  # small: two embedding runs stay fast
     a = build_calibration(tokenizer, "c4", n_samples=8, seq_len=128, seed=0, data_dir=DATA, ccds=cfg)
+    forget_clusters()  # b embeds and clusters again: the seed, not the process's cache, makes them equal
     b = build_calibration(tokenizer, "c4", n_samples=8, seq_len=128, seed=0, data_dir=DATA, ccds=cfg)
     assert a.input_ids.shape == (8, 128) and set(a.cluster_ids) == {0, 1, 2, 3}
     assert a.input_ids.equal(b.input_ids) and a.sha256 == b.sha256 and a.cluster_ids == b.cluster_ids
@@ -163,6 +164,28 @@ def test_ccds_on_c4_represents_every_cluster_and_is_seeded(tokenizer):
     summary = json.loads(json.dumps(a.clusters))
     assert sum(summary["sizes"]) == summary["n_chunks"] == 40 and len(summary["examples"]) == 4
     assert json.loads(json.dumps(a.metadata()))["cluster_ids"] == list(a.cluster_ids)
+
+
+@needs_data
+@needs_encoder
+def test_a_process_embeds_one_draw_once_until_it_forgets(tokenizer, monkeypatch):
+    """Every method a notebook or benchmark runs on a draw shares its clustering; another draw does not."""
+    import optuna_prune.model.ccds as ccds
+
+    embedded: list[int] = []
+    real = ccds.embed
+    monkeypatch.setattr(ccds, "embed", lambda chunks, *a, **k: embedded.append(len(chunks)) or real(chunks, *a, **k))
+    forget_clusters()
+    cfg = CCDSConfig(n_clusters=4, max_chunks=40)
+    draw = dict(n_samples=4, seq_len=64, data_dir=DATA, ccds=cfg)
+    first = build_calibration(tokenizer, "c4", seed=0, **draw)
+    again = build_calibration(tokenizer, "c4", seed=0, **draw)
+    assert embedded == [40] and again.sha256 == first.sha256
+    other = build_calibration(tokenizer, "c4", seed=1, **draw)
+    assert embedded == [40, 40] and other.sha256 != first.sha256
+    forget_clusters()
+    build_calibration(tokenizer, "c4", seed=0, **draw)
+    assert embedded == [40, 40, 40]
 
 
 @needs_data

@@ -24,7 +24,7 @@ from optuna_prune.model.fitness import plain_forward_loss
 from optuna_prune.model.models import load_model
 from optuna_prune.results.evaluation import evaluate_study
 from optuna_prune.results.export import choose_trial, export_trial
-from optuna_prune.run.config import ConfigError, SearchConfig, load_config
+from optuna_prune.run.config import ConfigError, SearchConfig, from_record, load_config
 from optuna_prune.run.final_pick import final_pick, pick_final, top_masks
 from optuna_prune.run.problem import StudyMismatchError
 from optuna_prune.run.study import run_search
@@ -195,3 +195,29 @@ def test_as_many_validation_windows_as_samples_are_refused_from_flags_and_toml(t
     # Multi-fidelity stages double below the search windows, not the windows drawn.
     assert SearchConfig(drop=1, n_samples=4).fidelity_stages() == (1, 2)
     assert SearchConfig(drop=1, n_samples=4, validation_samples=2).fidelity_stages() == (1,)
+
+
+def test_the_default_search_holds_two_windows_out_and_draws_them_from_ccds_clusters(tmp_path):
+    """Unset, the split and CCDS are auto: what robustness.py measured best where it can work, else off."""
+    default = SearchConfig(drop=1)
+    assert (default.n_samples, default.validation_samples, default.ccds_clusters, default.search_samples) == (8, 2, 4, 6)
+    assert (default.to_dict()["validation_samples"], default.to_dict()["ccds_clusters"]) == (2, 4)
+
+    def auto(**given) -> tuple[int, int]:
+        cfg = SearchConfig(drop=1, **given)
+        return cfg.validation_samples, cfg.ccds_clusters
+
+    assert {n: auto(n_samples=n) for n in (1, 3, 4, 7, 8)} == {1: (0, 0), 3: (0, 0), 4: (0, 4), 7: (0, 4), 8: (2, 4)}
+    assert auto(sampler="darwin") == (0, 4)  # darwin trains its masks: no pick among untrained ones
+    # What is given wins, and auto makes room for it.
+    assert auto(ccds_clusters=0, validation_samples=0) == (0, 0)
+    assert auto(ccds_clusters=8) == (0, 8)
+    assert auto(validation_samples=4) == (4, 4)
+    assert auto(validation_samples=5) == (5, 0)
+    # replace() re-decides what was auto and keeps what was given; a record resumes as it was made.
+    assert (default.replace(n_samples=4).validation_samples, default.replace(n_samples=3).ccds_clusters) == (0, 0)
+    assert SearchConfig(drop=1, n_samples=8, ccds_clusters=0).replace(n_samples=12).ccds_clusters == 0
+    assert from_record(default.replace(n_samples=4).to_dict(), "study").to_dict() == default.replace(n_samples=4).to_dict()
+    toml = tmp_path / "old.toml"
+    toml.write_text('drop = 2\nn_samples = 8\nccds_clusters = 0\nvalidation_samples = 0\n')
+    assert (load_config(toml).ccds_clusters, load_config(toml).validation_samples) == (0, 0)

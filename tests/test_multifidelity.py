@@ -309,7 +309,7 @@ def test_run_search_scores_in_stages(tiny_checkpoint: Path, tmp_path: Path, samp
     cfg = SearchConfig(
         model=str(tiny_checkpoint), drop=3, sampler=sampler, calibration="pydoc", n_samples=4,
         seq_len=32, population=6, n_trials=16, seed=0, storage=f"sqlite:///{tmp_path / 's.db'}",
-        study="tiny", heartbeat=1, fidelity=[1, 2],
+        study="tiny", heartbeat=1, fidelity=[1, 2], ccds_clusters=0,  # 4 random windows: the stages' sizes
     )
     study = run_search(cfg, progress=False)
     trials = study.get_trials(deepcopy=False)

@@ -20,6 +20,7 @@ from optuna_prune.cli import main
 from optuna_prune.run.config import SearchConfig
 from optuna_prune.run.problem import StudyMismatchError, open_study
 from optuna_prune.run.storage import StorageError, open_storage
+from optuna_prune.run import study as study_module
 from optuna_prune.run.study import run_search
 from optuna_prune.run.summary import best_by_method
 from optuna_prune.search.record import METHOD_KEY
@@ -337,3 +338,22 @@ def test_every_method_shows_evaluations_of_its_budget_best_loss_and_time(tiny_ch
     assert f"best loss {best:.4f}" in final and "ppl" in final
     assert re.search(r"\[\d\d:\d\d<", final)  # elapsed time
     assert "Progress bar won't be displayed" not in err
+
+
+def test_the_timeout_counts_the_preparation(tiny_checkpoint, tmp_path, monkeypatch, caplog):
+    """--timeout is the run's wall time: preparation (model, windows, CCDS) slower than it leaves no trial."""
+    real = study_module.prepare
+
+    def slow_prepare(*args, **kwargs):
+        time.sleep(1.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(study_module, "prepare", slow_prepare)
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    with caplog.at_level("WARNING", logger=study_module._logger.name):
+        study = run_search(tiny_config(tiny_checkpoint, storage, n_trials=None, timeout=1.0), progress=False)
+    assert study.get_trials(deepcopy=False) == []
+    assert "the preparation took the whole --timeout 1 s; no trial ran: raise --timeout" in caplog.text
+    monkeypatch.setattr(study_module, "prepare", real)
+    study = run_search(tiny_config(tiny_checkpoint, storage, n_trials=None, timeout=3.0), progress=False)
+    assert finished(study)  # the same study, given the time, searches

@@ -29,6 +29,7 @@ the dataset rows (blank rows dropped) joined with ``"\\n"``: the WikiText-2 test
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -39,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from optuna_prune.model.ccds import CCDSConfig, cluster_chunks, sample_from_clusters
+from optuna_prune.model.ccds import CCDSConfig, Clusters, cluster_chunks, sample_from_clusters
 from optuna_prune.model.tokens import CalibrationError, check_request, tokenize
 
 NAMED_SOURCES = ("wikitext2", "c4", "ptb", "pydoc")
@@ -401,10 +402,23 @@ def build_calibration(
 
     # Refused before the (slow) embedding and clustering when the whole corpus is too short.
     _check_supply(label, len(_bounded_ids(tokenizer, _join(source, docs), n_samples * seq_len)), n_samples, seq_len)
-    clusters = cluster_chunks(docs, ccds, seed)
+    clusters = _clusters(source, None if data_dir is None else str(data_dir), ccds, seed)
     ids, cluster_ids = sample_from_clusters(tokenizer, clusters, n_samples, seq_len, seed)
     return CalibrationSet(input_ids=ids, source=label, seed=seed, sha256=ids_sha256(ids),
                           cluster_ids=cluster_ids, clusters=clusters.to_dict())
+
+
+@functools.lru_cache(maxsize=4)
+def _clusters(source: str, data_dir: str | None, ccds: CCDSConfig, seed: int) -> Clusters:
+    """The corpus's clustering, kept for the process: the methods a notebook or a benchmark runs on one
+    draw embed it once (about 45 s on 2 CPU cores), as one study's methods share its windows."""
+    return cluster_chunks(load_texts(source, "calibration", data_dir), ccds, seed)
+
+
+def forget_clusters() -> None:
+    """Drop the clusterings this process kept, so the next CCDS draw embeds again (a benchmark that
+    charges each method its own preparation)."""
+    _clusters.cache_clear()
 
 
 def split_validation(calibration: CalibrationSet, n_validation: int) -> tuple[CalibrationSet, CalibrationSet]:

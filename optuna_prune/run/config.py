@@ -61,13 +61,14 @@ class SearchConfig:
     fitness: str = "perplexity"
     calibration: str = "pydoc"
     data_dir: str | None = None
-    n_samples: int = 5
+    n_samples: int = 8
     seq_len: int = 2048
     # Validation split: the last V of the n_samples windows are held out of the search; at its end the
     # final mask is picked among the pick_top best distinct masks by its loss on them (final_pick.py).
-    validation_samples: int = 0
+    # None: auto (auto_calibration), as are the CCDS clusters; 0 turns either off.
+    validation_samples: int | None = None
     pick_top: int = 5
-    ccds_clusters: int = 0
+    ccds_clusters: int | None = None
     objective_mode: str = "mean"
     seed: int = 0
     n_trials: int | None = None
@@ -98,6 +99,12 @@ class SearchConfig:
                 setattr(self, f.name, values.pop(f.name, default))
         method = METHODS.get(self.sampler)  # an unknown one is named by validate, in its turn
         self.options = method.options_from(options, values) if method else MethodOptions()
+        # The auto fields get their value here; replace() leaves them auto, so a changed n_samples re-decides.
+        self._auto = frozenset(name for name in AUTO_FIELDS if getattr(self, name) is None)
+        if self._auto and method is not None and isinstance(self.n_samples, int):
+            for name, value in auto_calibration(self).items():
+                if name in self._auto:
+                    setattr(self, name, value)
         self.validate()
 
     def __getattr__(self, name: str) -> Any:
@@ -208,7 +215,8 @@ class SearchConfig:
             raise ConfigError(f"pick_top {self.pick_top} must be >= 1 (masks scored on the validation windows)")
 
     def replace(self, **changes: Any) -> SearchConfig:
-        return dataclasses.replace(self, **changes)
+        kept = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self._auto}
+        return type(self)(**{**kept, **changes})
 
     def to_dict(self) -> dict[str, Any]:
         """Flat plain values, as a study records them (and as TOML spells them)."""
@@ -218,6 +226,31 @@ class SearchConfig:
 
 
 COMMON_KEYS = frozenset(f.name for f in fields(SearchConfig)) - {"options"}
+AUTO_FIELDS = ("validation_samples", "ccds_clusters")
+AUTO_VALIDATION = (8, 2)
+"""From 8 windows on, hold 2 out for the final pick (robustness benchmark, docs/results.md)."""
+AUTO_CLUSTERS = 4
+"""CCDS clusters when the search keeps at least this many windows: one per cluster."""
+
+
+def auto_calibration(cfg: SearchConfig) -> dict[str, int]:
+    """What ``None`` (auto) means for the validation split and CCDS, for this config.
+
+    The defaults measured most robust across calibration draws (``benchmarks/robustness.py``): CCDS
+    windows from 4 clusters, and with 8 or more windows the last 2 held out to pick the final mask.
+    Each turns itself off where it cannot work: too few windows, or a method or space that does not
+    pick among untrained layer masks (darwin, rates).
+    """
+    least, held = AUTO_VALIDATION
+    validation = cfg.validation_samples
+    if validation is None:
+        picks = cfg.method.validation_pick and space_of(cfg.space).validation_pick
+        room = cfg.n_samples >= least and cfg.n_samples - held >= (cfg.ccds_clusters or 0)
+        validation = held if picks and room else 0
+    clusters = cfg.ccds_clusters
+    if clusters is None:
+        clusters = AUTO_CLUSTERS if cfg.n_samples - validation >= AUTO_CLUSTERS else 0
+    return {"validation_samples": validation, "ccds_clusters": clusters}
 
 
 def known_keys() -> dict[str, str]:
@@ -302,7 +335,8 @@ def from_record(data: dict[str, Any], origin: str) -> SearchConfig:
     """A config as a study recorded it (:meth:`SearchConfig.to_dict`), by this version or an older one.
 
     Records are flat; older ones hold every method's options, of which the study's method takes its
-    own. Keys this version no longer knows are dropped, so an old study still resumes.
+    own. Keys this version no longer knows are dropped, so an old study still resumes. Records hold
+    the auto fields' values since they exist; one without them was made when they were off (0).
     """
     known = known_keys()
-    return from_dict({k: v for k, v in data.items() if k in known}, origin=origin)
+    return from_dict({**dict.fromkeys(AUTO_FIELDS, 0), **{k: v for k, v in data.items() if k in known}}, origin=origin)

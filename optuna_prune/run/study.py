@@ -348,7 +348,10 @@ def run_search(
     config -> model and calibration samples -> study -> sampler proposes masks -> objective scores
     them -> storage. ``n_trials`` is this method's budget in the study, so a re-run after a crash only
     does what is missing. ``max_trials`` caps the trials of this process (one of several workers).
+    ``cfg.timeout`` counts from this call, so the preparation (model, calibration windows, CCDS
+    clustering) is inside it: a user's time budget is the command's wall time, not the trials' alone.
     """
+    started, rounds = time.monotonic(), 0
     setup = prepare(cfg, new_study=new_study, record_config=record_config)
     study = setup.study
     if on_study is not None:
@@ -356,7 +359,6 @@ def run_search(
     budget = setup.budget
     own = OwnTrials(setup.objective if budget is None else budget.guard(setup.objective))
     shown: SearchProgress | None = None
-    started, rounds = time.monotonic(), 0
     try:
         while True:  # one round, and one more after each trial taken from this worker
             remaining = None if budget is None else budget.n_trials - budget.done(study)
@@ -364,9 +366,14 @@ def run_search(
                 mine = max_trials - own.started
                 remaining = mine if remaining is None else min(remaining, mine)
             timeout = cfg.timeout
-            if rounds and timeout is not None:
+            if timeout is not None:
                 timeout -= time.monotonic() - started
                 if timeout <= 0:
+                    if not rounds:
+                        _logger.warning(
+                            "optuna-prune: the preparation took the whole --timeout %.0f s; no trial ran: "
+                            "raise --timeout", cfg.timeout,
+                        )
                     break
             if (remaining is not None and remaining <= 0) or (budget is not None and not budget.has_room(study)):
                 break
