@@ -25,13 +25,16 @@ the validation split were). ``evop+mf+val`` adds a validation split (``validatio
 searches on the draw's first 6 windows and its final mask is the one of its 5 best distinct masks with
 the lowest loss on the last 2 (calibration windows, not held-out text); its ``calibration_ppl`` is on the
 6 search windows. ``evop+mf+ccds+val`` is the same on CCDS-chosen windows (those ``sleb+ccds`` searches):
-what ``optuna-prune search`` does by default with 8 windows.
+what ``optuna-prune search`` does by default with 8 windows. ``sleb+mf>evop+ccds+val`` runs SLEB ranking
+each greedy step's candidates in stages on those windows, then EvoP seeded with its mask for the rest of
+the budget; the validation pick chooses among both.
 
 Usage (measured on an idle 2-core machine, 2026-12-04: SLEB's search takes about 8 minutes at 30%, so
 a draw takes about 27 minutes with one method under test, plus about 9 for each further one):
     python benchmarks/robustness.py --sparsities 0.3 --draws 5
     python benchmarks/robustness.py --sparsities 0.2 0.4 --draws 3
     python benchmarks/robustness.py --sparsities 0.3 --draws 5 --methods evop+mf evop+mf+val --resume
+    python benchmarks/robustness.py --sparsities 0.3 --draws 5 --methods "sleb+mf>evop+ccds+val" --resume
 """
 
 from __future__ import annotations
