@@ -67,6 +67,8 @@ PHASES: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "evop+mf+val": [("evop", {"validation_samples": 2, "pick_top": 5})],
     # The same on CCDS-chosen windows (EvoP's calibration sampling), the windows sleb+ccds searches.
     "evop+mf+ccds+val": [("evop", {"ccds": True, "validation_samples": 2, "pick_top": 5})],
+    # EvoP on all the draw's CCDS windows, no validation split (as sleb+ccds searches them).
+    "evop+mf+ccds": [("evop", {"ccds": True})],
     # SLEB ranking each greedy step's candidates in stages (about half SLEB's time) on those windows, then
     # EvoP seeded with its mask for the rest of the budget; the pick sees SLEB's mask and EvoP's best.
     "sleb+mf>evop+ccds+val": [
