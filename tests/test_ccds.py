@@ -11,7 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from optuna_prune.model.calibration import CalibrationError, build_calibration, forget_clusters, load_texts
+from optuna_prune.model.calibration import (
+    CalibrationError,
+    build_calibration,
+    forget_clusters,
+    load_texts,
+)
 from optuna_prune.model.ccds import (
     CCDSConfig,
     cluster_chunks,
