@@ -42,7 +42,7 @@ def main() -> None:
     base = SearchConfig(
         model="smollm2-135m", sparsity=0.2, calibration="c4", data_dir=args.data_dir, n_samples=4,
         seq_len=256, population=args.population, storage=args.storage,
-        ccds_clusters=0, validation_samples=0,  # random windows, as measured
+        ccds_clusters=0, validation_samples=0, seed_with=[],  # random windows, as measured
     )
     rows = []
     for sparsity in args.sparsities:

@@ -52,7 +52,7 @@ def main() -> None:
     tag = time.strftime("%m%d%H%M%S")
     base = SearchConfig(
         model="smollm2-135m", sparsity=args.sparsity, calibration="c4", data_dir=args.data_dir, n_samples=4,
-        seq_len=256, storage=args.storage, ccds_clusters=0, validation_samples=0,  # random windows, as measured
+        seq_len=256, storage=args.storage, ccds_clusters=0, validation_samples=0, seed_with=[],  # random windows, as measured
     )
     runs = {
         "evop": base.replace(sampler="evop", n_trials=args.evop_trials, study=f"dve-{tag}-evop"),

@@ -4,8 +4,9 @@ A calibration draw is a different set of windows of the same corpus, of the same
 8 x 256 tokens of C4's calibration half; the draw's number is the calibration and search seed). On each
 draw, with the same data and the same wall-time budget (SLEB's own wall time on that draw; a method's
 preparation, such as CCDS's embedding and clustering, counts against it), it runs:
-SLEB as published (random windows), SLEB on CCDS-chosen windows, ShortGPT, and the methods under test
-(default: ``evop+mf+ccds+val``, the package's default search). Every final mask is scored on held-out text:
+SLEB as published (random windows), SLEB on CCDS-chosen windows, ShortGPT (``--baselines`` picks
+which of the last two), and the methods under test (default: ``default``, what ``optuna-prune search``
+does with its defaults). Every final mask is scored on held-out text:
 WikiText-2 test and the C4 evaluation half, ``--windows`` windows of 512 tokens each (the shared data
 README's convention); a mask's held-out score is the geometric mean of the two perplexities. The
 held-out text never steers a search (it is the test set).
@@ -16,7 +17,7 @@ Per sparsity it prints a per-draw table, then for each method
     worst-draw ratio to SLEB: Y    (its worst draw / SLEB's worst draw)
 
 The JSON (``--out``, default ``benchmarks/results/robustness.json``) holds every mask and number and is
-rewritten after each finished draw, so a run cut short keeps what it finished. ``--resume`` reuses the
+rewritten after each method of a draw, so a run cut short keeps what it finished. ``--resume`` reuses the
 rows it already has (SLEB's recorded wall time stays the budget), so a later run adds a method to a
 finished one. The ratio lines compare a method with SLEB on the draws both have.
 
@@ -25,16 +26,18 @@ the validation split were). ``evop+mf+val`` adds a validation split (``validatio
 searches on the draw's first 6 windows and its final mask is the one of its 5 best distinct masks with
 the lowest loss on the last 2 (calibration windows, not held-out text); its ``calibration_ppl`` is on the
 6 search windows. ``evop+mf+ccds+val`` is the same on CCDS-chosen windows (those ``sleb+ccds`` searches):
-what ``optuna-prune search`` does by default with 8 windows. ``sleb+mf>evop+ccds+val`` runs SLEB ranking
-each greedy step's candidates in stages on those windows, then EvoP seeded with its mask for the rest of
-the budget; the validation pick chooses among both.
+what ``optuna-prune search`` did by default with 8 windows on 2026-12-04. ``sleb+mf>evop+ccds+val``
+runs SLEB ranking each greedy step's candidates in stages on those windows, then EvoP seeded with its
+mask for the rest of the budget; the validation pick chooses among both. ``sleb+mf>evop+ccds`` is the
+same on all 8 CCDS windows, no split; ``default`` is what the package does now: the same, SLEB
+ranking on half the windows (one per cluster) before scoring the better half on all, in one run.
 
 Usage (measured on an idle 2-core machine, 2026-12-04: SLEB's search takes about 8 minutes at 30%, so
 a draw takes about 27 minutes with one method under test, plus about 9 for each further one):
     python benchmarks/robustness.py --sparsities 0.3 --draws 5
     python benchmarks/robustness.py --sparsities 0.2 0.4 --draws 3
+    python benchmarks/robustness.py --sparsities 0.2 0.4 --draws 3 --baselines sleb   # SLEB and ours only
     python benchmarks/robustness.py --sparsities 0.3 --draws 5 --methods evop+mf evop+mf+val --resume
-    python benchmarks/robustness.py --sparsities 0.3 --draws 5 --methods "sleb+mf>evop+ccds+val" --resume
 """
 
 from __future__ import annotations
@@ -69,6 +72,12 @@ PHASES: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "evop+mf+ccds+val": [("evop", {"ccds": True, "validation_samples": 2, "pick_top": 5})],
     # EvoP on all the draw's CCDS windows, no validation split (as sleb+ccds searches them).
     "evop+mf+ccds": [("evop", {"ccds": True})],
+    # SLEB ranking each greedy step's candidates in stages on all the draw's CCDS windows, then EvoP seeded
+    # with its mask for the rest of the budget: sleb+ccds's search, in about half its time.
+    "sleb+mf>evop+ccds": [
+        ("sleb", {"ccds": True, "fidelity": [1, 2]}),
+        ("evop", {"ccds": True, "seed_with": ["sleb"]}),
+    ],
     # SLEB ranking each greedy step's candidates in stages (about half SLEB's time) on those windows, then
     # EvoP seeded with its mask for the rest of the budget; the pick sees SLEB's mask and EvoP's best.
     "sleb+mf>evop+ccds+val": [
@@ -76,6 +85,8 @@ PHASES: dict[str, list[tuple[str, dict[str, Any]]]] = {
         ("evop", {"ccds": True, "validation_samples": 2, "pick_top": 5, "seed_with": ["sleb"]}),
     ],
 }
+# What `optuna-prune search` does with its defaults (auto_calibration): today sleb+mf>evop+ccds in one run.
+PHASES["default"] = [("evop", {"ccds_clusters": None, "validation_samples": None, "seed_with": None})]
 BASELINES = ("sleb", "sleb+ccds", "shortgpt")
 
 
@@ -136,11 +147,13 @@ def main() -> None:
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.3])
     parser.add_argument("--draws", type=int, default=5, help="calibration draws (seeds 0 .. draws-1)")
     parser.add_argument("--first-draw", type=int, default=0)
-    parser.add_argument("--methods", nargs="+", default=["evop+mf+ccds+val"], choices=[m for m in PHASES if m not in BASELINES],
+    parser.add_argument("--methods", nargs="+", default=["default"], choices=[m for m in PHASES if m not in BASELINES],
                         help="methods under test; SLEB, SLEB on CCDS windows and ShortGPT always run")
     parser.add_argument("--n-samples", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--ccds-clusters", type=int, default=4, help="clusters for sleb+ccds (and ccds methods)")
+    parser.add_argument("--baselines", nargs="+", default=list(BASELINES), choices=BASELINES,
+                        help="baselines to run beside SLEB, which always runs (default: all)")
     parser.add_argument("--windows", type=int, default=16, help="held-out windows of 512 tokens per dataset")
     parser.add_argument("--storage", default="sqlite:///runs/robustness.db")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "robustness.json"))
@@ -149,7 +162,7 @@ def main() -> None:
                         "added to a finished run); --out keeps every row")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    methods = [*BASELINES, *args.methods]
+    methods = list(dict.fromkeys(["sleb", *args.baselines, *args.methods]))  # SLEB's time is the budget
     Path("runs").mkdir(exist_ok=True)
     out = Path(args.out)
     earlier = resumed(out, args) if args.resume else None
@@ -183,7 +196,7 @@ def main() -> None:
                 model="smollm2-135m", sparsity=sparsity, calibration="c4", data_dir=args.data_dir,
                 n_samples=args.n_samples, seq_len=args.seq_len, seed=draw, storage=args.storage,
                 study=f"rb-{sparsity}-draw{draw}-{datetime.now():%m%d%H%M%S}",
-                ccds_clusters=0, validation_samples=0,  # SLEB as published; each label turns its own on
+                ccds_clusters=0, validation_samples=0, seed_with=[],  # SLEB as published; each label turns its own on
             )
             budget = None
             # SLEB first (its time is the budget), then the methods under test, then the slower baselines.
@@ -203,7 +216,8 @@ def main() -> None:
                 row = {
                     "sparsity": sparsity, "draw": draw, "method": label, "dropped": r["dropped"],
                     "loss": r["loss"], "calibration_ppl": r["calibration_ppl"], "evaluations": r["evaluations"],
-                    "seconds": r["seconds"], "search_seconds": r["search_seconds"], "budget_seconds": timeout,
+                    "seconds": r["seconds"], "phase_seconds": r["phase_seconds"], "search_seconds": r["search_seconds"],
+                    "budget_seconds": timeout,
                     "validation_loss": r["validation_loss"],
                     **{f"{d}_ppl": v for d, v in ppl.items()}, "held_out": held_out_score(ppl),
                     "load": os.getloadavg()[0],
@@ -211,10 +225,11 @@ def main() -> None:
                 record["rows"].append(row)
                 print(f"{sparsity:.0%} draw {draw} {label}: calib {row['calibration_ppl']:.2f} "
                       f"held-out {row['held_out']:.2f} in {row['seconds']:.0f} s", flush=True)
-            record["summary"] = {
-                f"{s}": summarise(record["rows"], s, shown) for s in dict.fromkeys(r["sparsity"] for r in record["rows"])
-            }
-            out.write_text(json.dumps(record, indent=2))  # after every draw: a cut-short run keeps it
+                record["summary"] = {
+                    f"{s}": summarise(record["rows"], s, shown)
+                    for s in dict.fromkeys(r["sparsity"] for r in record["rows"])
+                }
+                out.write_text(json.dumps(record, indent=2))  # after every method: a cut-short run keeps it
         print("\n".join(summarise(record["rows"], sparsity, shown)), flush=True)
     print(f"wrote {out}")
 

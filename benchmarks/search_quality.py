@@ -91,9 +91,10 @@ def run_method(
     started = {"wall": datetime.now(), "clock": time.perf_counter()}
     search_start: dict[str, float] = {}
     study: optuna.Study | None = None
+    phase_seconds: list[float] = []
     for sampler, changes in phases or METHODS[label]:
         left = None if timeout is None else timeout - (time.perf_counter() - started["clock"])
-        unseeded = "sleb" in changes.get("seed_with", ()) and (study is None or sleb_result(study) is None)
+        unseeded = "sleb" in (changes.get("seed_with") or ()) and (study is None or sleb_result(study) is None)
         if (left is not None and left <= 0) or unseeded:
             break  # out of time, or the SLEB phase did not finish
         cfg = base.replace(
@@ -101,6 +102,7 @@ def run_method(
             n_trials=10**6 if left is not None else None, **changes,
         )
         study = run_search(cfg, progress=False, on_study=lambda s: search_start.setdefault("t", time.perf_counter()))
+        phase_seconds.append(time.perf_counter() - started["clock"] - sum(phase_seconds))
     seconds = time.perf_counter() - started["clock"]
     best = min(best_by_method(study).values(), key=lambda entry: entry["value"])
     pick = final_pick(study)
@@ -121,7 +123,7 @@ def run_method(
         "method": label, "space": study.user_attrs["problem"].get("space", "layers"),
         "dropped": best["dropped"], "loss": best["value"],
         "calibration_ppl": math.exp(best["value"]), "evaluations": best["evaluations"],
-        "layer_forwards": forwards, "seconds": seconds,
+        "layer_forwards": forwards, "seconds": seconds, "phase_seconds": phase_seconds,
         "search_seconds": time.perf_counter() - search_start["t"], "curve": curve,
         "validation_loss": None if pick is None else pick["validation_loss"],
     }
@@ -171,7 +173,7 @@ def main() -> None:
                 model="smollm2-135m", sparsity=sparsity, calibration="c4", data_dir=args.data_dir,
                 n_samples=args.n_samples, seq_len=args.seq_len, seed=seed, storage=args.storage,
                 study=f"sq-{sparsity}-seed{seed}-{datetime.now():%m%d%H%M%S}",
-                ccds_clusters=0, validation_samples=0,  # SLEB's random windows, no split: one loss axis
+                ccds_clusters=0, validation_samples=0, seed_with=[],  # SLEB's random windows, no split: one loss axis
             )
             results = [run_method(base, "sleb", None)]
             budget = args.budget_factor * results[0]["seconds"]

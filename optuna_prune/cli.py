@@ -87,20 +87,21 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-samples", type=int, help="calibration samples (default 8)")
     p.add_argument("--seq-len", type=int, help="tokens per calibration sample (default 2048)")
     p.add_argument("--validation-samples", type=int, help="of the --n-samples windows, hold this many out of the "
-                   "search and pick the final mask among the best ones by its loss on them (default: 2 from 8 windows on, "
-                   "else 0; 0: off)")
+                   "search and pick the final mask among the best ones by its loss on them (default: 2 of 8 or more "
+                   "random windows, i.e. with --ccds-clusters 0, else 0; 0: off)")
     p.add_argument("--pick-top", type=int, help="with --validation-samples: distinct best masks scored on them (5)")
     p.add_argument("--ccds-clusters", type=int, help="EvoP CCDS: draw the windows from K clusters of the corpus (default: 4 "
                    "when the search keeps 4 or more windows, else 0; 0: off, random windows)")
     p.add_argument("--objective-mode", choices=("mean", "worst", "clusters"))
     p.add_argument("--seed", type=int)
     p.add_argument("--n-trials", type=int, help="this method's evaluation budget in the study")
-    p.add_argument("--timeout", type=float, help="stop after this many seconds of this run, preparation (model, calibration, CCDS) included (> 0; default: no limit)")
+    p.add_argument("--timeout", type=float, help="end this run after this many seconds, preparation (model, calibration, CCDS) and the validation pick included (> 0; default: no limit)")
     p.add_argument("--storage", help=STORAGE_HELP)
     p.add_argument("--study", help="study name (default: derived from model, k and calibration)")
     _add_option_flags(p)
     p.add_argument("--seed-with", help=f"comma list: masks of {', '.join(seeders())} seeded into the search's first "
-                   "generation")
+                   "generation; SLEB runs first in the study if it has no SLEB result, ranking in stages (default: "
+                   "sleb for evop on CCDS windows, else none; '' for none)")
     p.add_argument("--space", choices=tuple(SPACES), help="; ".join(
         f"{s.name} ({', '.join(m.name for m in METHODS.values() if s.name in m.spaces)}): {s.help}"
         for s in SPACES.values()))
@@ -531,7 +532,11 @@ class _TrialFailureLines(logging.Filter):
     Ctrl-C, which the CLI reports itself."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+        # deferred: loads sqlalchemy only when this runs
+        from optuna_prune.run.storage import interrupted
+
+        # Ctrl-C inside a storage call can reach optuna as another error raised while it unwound.
+        if record.exc_info and interrupted(record.exc_info[1]):
             return False
         record.exc_info = None
         return not record.getMessage().endswith("failed with value None.")

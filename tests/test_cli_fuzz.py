@@ -242,11 +242,6 @@ for command in ("search", "create"):
          ("population_size=4 (now 6)", "--new-study")),
         (f"{command}-resume-other-k", argv_for(command, "--study", "recorded", "--drop", "3"),
          ("num_drop=2", "not 3", "--new-study")),
-        (f"{command}-seed-with-sleb-new-study", argv_for(command, "--seed-with", "sleb", "--new-study"),
-         ("seed_with sleb", "--sampler sleb")),
-        (f"{command}-seed-with-sleb-without-run",
-         argv_for(command, "--seed-with", "sleb", "--study", "recorded", "--population", "4"),
-         ("seed_with sleb", "--sampler sleb")),
     ]
 CASES += [
     ("worker-long-study-name", argv_for("worker", study=LONG_NAME), ("no study 'sss", "optuna-prune studies")),

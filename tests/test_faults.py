@@ -298,3 +298,28 @@ def test_a_trial_taken_from_a_frozen_worker_is_dropped_and_the_search_goes_on(ti
         assert retry.user_attrs["dropped"] == lost.user_attrs["dropped"]
     assert len(method_trials(study, "evop", (TrialState.COMPLETE, TrialState.PRUNED))) == 8
     assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
+
+
+def test_ctrl_c_unwound_into_another_error_prints_one_line(tiny_checkpoint, tmp_path, monkeypatch, capfd):
+    """Ctrl-C inside a storage call can reach optuna as another error raised while it unwound (the
+    SIGINT test in test_workers.py saw it under load). The CLI still says "interrupted" in one line,
+    with no "Trial N failed" line after the plan's lines, and exits 130."""
+    iter_samples = PerplexityFitness.iter_samples
+
+    def samples(self, dropped, calls=[0]):  # noqa: B006, ANN001, ANN202
+        calls[0] += 1
+        if calls[0] == 3:
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                raise RuntimeError("the storage call was cut short") from None
+        yield from iter_samples(self, dropped)
+
+    monkeypatch.setattr(PerplexityFitness, "iter_samples", samples)
+    cfg = search_config(tiny_checkpoint, tmp_path)
+    args = ["search", "--model", cfg.model, "--drop", "3", "--calibration", "pydoc", "--n-samples", "2",
+            "--seq-len", "32", "--population", "4", "--n-trials", "8", "--storage", cfg.storage, "--no-progress"]
+    capfd.readouterr()
+    assert main(args) == 130
+    err = capfd.readouterr().err.strip().splitlines()
+    assert "interrupted" in err[-1] and not [line for line in err if "failed" in line], err

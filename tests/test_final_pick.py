@@ -197,27 +197,41 @@ def test_as_many_validation_windows_as_samples_are_refused_from_flags_and_toml(t
     assert SearchConfig(drop=1, n_samples=4, validation_samples=2).fidelity_stages() == (1,)
 
 
-def test_the_default_search_holds_two_windows_out_and_draws_them_from_ccds_clusters(tmp_path):
-    """Unset, the split and CCDS are auto: what robustness.py measured best where it can work, else off."""
+def test_the_default_search_draws_ccds_windows_and_starts_from_sleb_or_holds_random_windows_out(tmp_path):
+    """Unset, CCDS, the split and seed_with are auto: what robustness.py measured best where it can
+    work, else off. CCDS windows are all searched, EvoP starting from SLEB's mask; random windows
+    (CCDS off) hold 2 of 8 out for the pick."""
     default = SearchConfig(drop=1)
-    assert (default.n_samples, default.validation_samples, default.ccds_clusters, default.search_samples) == (8, 2, 4, 6)
-    assert (default.to_dict()["validation_samples"], default.to_dict()["ccds_clusters"]) == (2, 4)
+    assert (default.n_samples, default.ccds_clusters, default.validation_samples, default.seed_with) == (8, 4, 0, ["sleb"])
+    assert {k: default.to_dict()[k] for k in ("ccds_clusters", "validation_samples", "seed_with")} == {
+        "ccds_clusters": 4, "validation_samples": 0, "seed_with": ["sleb"]}
 
-    def auto(**given) -> tuple[int, int]:
-        cfg = SearchConfig(drop=1, **given)
-        return cfg.validation_samples, cfg.ccds_clusters
+    def auto(**given) -> tuple[int, int, list[str]]:
+        return auto_fields(SearchConfig(drop=1, **given))
 
-    assert {n: auto(n_samples=n) for n in (1, 3, 4, 7, 8)} == {1: (0, 0), 3: (0, 0), 4: (0, 4), 7: (0, 4), 8: (2, 4)}
-    assert auto(sampler="darwin") == (0, 4)  # darwin trains its masks: no pick among untrained ones
+    assert {n: auto(n_samples=n) for n in (1, 3, 4, 8)} == {1: (0, 0, []), 3: (0, 0, []), 4: (4, 0, ["sleb"]),
+                                                           8: (4, 0, ["sleb"])}
+    assert auto(ccds_clusters=0) == (0, 2, [])  # random windows: the pick on 2 held out
+    assert auto(ccds_clusters=0, n_samples=7) == (0, 0, [])
+    assert auto(sampler="levelswitch") == (4, 0, [])  # only EvoP starts from SLEB by default
+    assert auto(sampler="darwin", ccds_clusters=0) == (0, 0, [])  # darwin trains its masks: no pick among untrained ones
+    assert auto(space="sublayers") == (4, 0, ["sleb"])  # SLEB drops blocks too
     # What is given wins, and auto makes room for it.
-    assert auto(ccds_clusters=0, validation_samples=0) == (0, 0)
-    assert auto(ccds_clusters=8) == (0, 8)
-    assert auto(validation_samples=4) == (4, 4)
-    assert auto(validation_samples=5) == (5, 0)
+    assert auto(ccds_clusters=0, validation_samples=0) == (0, 0, [])
+    assert auto(seed_with=[]) == (4, 0, [])
+    assert auto(ccds_clusters=0, seed_with=["sleb"]) == (0, 2, ["sleb"])
+    assert auto(validation_samples=4) == (4, 4, ["sleb"])
+    assert auto(validation_samples=5) == (0, 5, [])
     # replace() re-decides what was auto and keeps what was given; a record resumes as it was made.
-    assert (default.replace(n_samples=4).validation_samples, default.replace(n_samples=3).ccds_clusters) == (0, 0)
+    assert default.replace(n_samples=3).to_dict()["seed_with"] == [] and default.replace(n_samples=3).ccds_clusters == 0
     assert SearchConfig(drop=1, n_samples=8, ccds_clusters=0).replace(n_samples=12).ccds_clusters == 0
-    assert from_record(default.replace(n_samples=4).to_dict(), "study").to_dict() == default.replace(n_samples=4).to_dict()
+    assert from_record(default.to_dict(), "study").to_dict() == default.to_dict()
+    old = {k: v for k, v in default.to_dict().items() if k not in ("ccds_clusters", "validation_samples", "seed_with")}
+    assert auto_fields(from_record(old, "study")) == (0, 0, [])  # made before the auto fields: as it was
     toml = tmp_path / "old.toml"
-    toml.write_text('drop = 2\nn_samples = 8\nccds_clusters = 0\nvalidation_samples = 0\n')
-    assert (load_config(toml).ccds_clusters, load_config(toml).validation_samples) == (0, 0)
+    toml.write_text('drop = 2\nn_samples = 8\nccds_clusters = 0\nvalidation_samples = 0\nseed_with = []\n')
+    assert auto_fields(load_config(toml)) == (0, 0, [])
+
+
+def auto_fields(cfg: SearchConfig) -> tuple[int, int, list[str]]:
+    return cfg.ccds_clusters, cfg.validation_samples, cfg.seed_with

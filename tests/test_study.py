@@ -9,22 +9,26 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import optuna
 import pytest
-from optuna.trial import TrialState
+from optuna.trial import TrialState, create_trial
 
 from optuna_prune.cli import main
+from optuna_prune.run import budget as budget_module
 from optuna_prune.run import study as study_module
+from optuna_prune.run.budget import Deadline
 from optuna_prune.run.config import SearchConfig
+from optuna_prune.run.final_pick import final_pick
 from optuna_prune.run.problem import StudyMismatchError, open_study
 from optuna_prune.run.storage import StorageError, open_storage
 from optuna_prune.run.study import run_search
 from optuna_prune.run.summary import best_by_method
 from optuna_prune.search.record import METHOD_KEY
-from optuna_prune.search.samplers import EvoPSampler
+from optuna_prune.search.samplers import EvoPSampler, sleb_result
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -84,6 +88,30 @@ def test_shortgpt_and_sleb_share_the_study_with_evop(tiny_checkpoint, tmp_path):
     assert all(t.system_attrs[f"{evop}:generation"] == 0 for t in seeded)
     # EvoP keeps the better of its seeds, so it is never worse than SLEB's result.
     assert best["evop"]["value"] <= best["sleb"]["value"] + 1e-9
+
+
+def test_a_search_seeded_with_sleb_runs_it_first_ranking_in_stages(tiny_checkpoint, tmp_path, capsys):
+    """--seed-with sleb on a study without SLEB's result runs SLEB first in the same study, each
+    greedy step's candidates ranked on half the windows (only its mask counts), then EvoP from
+    its mask; the study keeps EvoP's config, and a re-run finds SLEB's result and adds nothing."""
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    args = ["search", "--model", str(tiny_checkpoint), "--drop", "3", "--calibration", "pydoc", "--n-samples", "4",
+            "--seq-len", "32", "--ccds-clusters", "0", "--seed-with", "sleb", "--population", "4", "--n-trials", "8",
+            "--storage", storage, "--study", "seeded", "--no-progress"]
+    assert main(args) == 0
+    assert "sleb runs first, evop starts from its mask" in capsys.readouterr().err
+    study = optuna.load_study(study_name="seeded", storage=open_storage(storage))
+    sleb = [t for t in study.trials if t.system_attrs.get(METHOD_KEY) == "sleb"]
+    staged = [t for t in sleb if t.state == TrialState.PRUNED and len(t.user_attrs["per_sample"]) == 2]
+    assert staged  # candidates of a greedy step cut after 2 of the 4 windows
+    (seeded,) = [t for t in study.trials if t.user_attrs.get("seeded_from")]
+    assert tuple(seeded.user_attrs["dropped"]) == sleb_result(study)
+    assert len(finished(study)) == 8
+    assert study.user_attrs["config"]["sampler"] == "evop" and study.user_attrs["config"]["seed_with"] == ["sleb"]
+    before = len(study.trials)
+    assert main(args) == 0
+    assert "runs first" not in capsys.readouterr().err
+    assert len(optuna.load_study(study_name="seeded", storage=open_storage(storage)).trials) == before
 
 
 def _cli_search(checkpoint: Path, storage: str, n_trials: int, extra: tuple[str, ...] = ()) -> list[str]:
@@ -358,3 +386,39 @@ def test_the_timeout_counts_the_preparation(tiny_checkpoint, tmp_path, monkeypat
     # Time enough for a loaded CI machine's preparation; the search ends by its own budget long before.
     study = run_search(tiny_config(tiny_checkpoint, storage, n_trials=None, timeout=60.0), progress=False)
     assert finished(study)  # the same study, given the time, searches
+
+
+def test_the_deadline_leaves_the_next_trial_and_the_pick_their_time(monkeypatch):
+    """Trials took 2 s and scored a window in 0.5 s: the next trial and 5 masks on 2 validation
+    windows need 7 s, so with the deadline at 100 s the search stops after the trial ending past 93 s."""
+    clock = [0.0]
+    monkeypatch.setattr(budget_module.time, "monotonic", lambda: clock[0])
+    stops: list[float] = []
+    study = type("Study", (), {"stop": lambda self: stops.append(clock[0])})()
+
+    def trial(seconds: float | None, windows: int) -> optuna.trial.FrozenTrial:
+        attrs = {} if seconds is None else {"eval_seconds": seconds, "per_sample": [4.2] * windows}
+        done = create_trial(state=TrialState.COMPLETE, value=4.2, user_attrs=attrs)
+        done.datetime_start = done.datetime_complete - timedelta(seconds=2)
+        return done
+
+    deadline = Deadline(100.0, pick_windows=2, pick_masks=5)
+    assert deadline.seconds() == 0
+    for now, seconds, windows in ((10.0, None, 0), (50.0, 4.0, 8), (92.9, 1.0, 2), (93.1, 0.5, 1)):
+        clock[0] = now
+        deadline(study, trial(seconds, windows))
+    assert deadline.seconds() == pytest.approx(2.0 + 5 * 2 * 0.5)  # median of 0.5 s per window
+    assert stops == [93.1]
+
+
+def test_a_timed_search_ends_early_enough_for_the_validation_pick(tiny_checkpoint, tmp_path, monkeypatch):
+    """With --timeout the search leaves the pick its time: a deadline that never fits stops it after
+    its first trial, and the pick still scores what it found; without a timeout it runs its trials."""
+    monkeypatch.setattr(Deadline, "seconds", lambda self: 1e9)
+    split = dict(n_samples=3, validation_samples=1, n_trials=8)
+    study = run_search(tiny_config(tiny_checkpoint, f"sqlite:///{tmp_path / 's.db'}", timeout=3600.0, **split),
+                       progress=False)
+    assert len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) == 1
+    assert final_pick(study)["trial"] == 0
+    study = run_search(tiny_config(tiny_checkpoint, f"sqlite:///{tmp_path / 't.db'}", **split), progress=False)
+    assert len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) > 1

@@ -65,7 +65,7 @@ class SearchConfig:
     seq_len: int = 2048
     # Validation split: the last V of the n_samples windows are held out of the search; at its end the
     # final mask is picked among the pick_top best distinct masks by its loss on them (final_pick.py).
-    # None: auto (auto_calibration), as are the CCDS clusters; 0 turns either off.
+    # None: auto (auto_calibration), as are the CCDS clusters and seed_with; 0 (seed_with []) turns each off.
     validation_samples: int | None = None
     pick_top: int = 5
     ccds_clusters: int | None = None
@@ -81,7 +81,7 @@ class SearchConfig:
     space: str = "layers"
     rate_resolution: int = 16
     invalid_masks: str = "repair"
-    seed_with: list[str] = field(default_factory=list)
+    seed_with: list[str] | None = None
     device: str | None = None
     dtype: str | None = None
     batch_size: int = 1
@@ -226,31 +226,37 @@ class SearchConfig:
 
 
 COMMON_KEYS = frozenset(f.name for f in fields(SearchConfig)) - {"options"}
-AUTO_FIELDS = ("validation_samples", "ccds_clusters")
+AUTO_FIELDS = ("validation_samples", "ccds_clusters", "seed_with")
+AUTO_OFF: dict[str, Any] = {"validation_samples": 0, "ccds_clusters": 0, "seed_with": []}
+"""What a record made before an auto field existed meant by its absence."""
 AUTO_VALIDATION = (8, 2)
-"""From 8 windows on, hold 2 out for the final pick (robustness benchmark, docs/results.md)."""
+"""On random windows, from 8 on, hold 2 out for the final pick (robustness benchmark, docs/results.md)."""
 AUTO_CLUSTERS = 4
 """CCDS clusters when the search keeps at least this many windows: one per cluster."""
 
 
-def auto_calibration(cfg: SearchConfig) -> dict[str, int]:
-    """What ``None`` (auto) means for the validation split and CCDS, for this config.
+def auto_calibration(cfg: SearchConfig) -> dict[str, Any]:
+    """What ``None`` (auto) means for CCDS, the validation split and ``seed_with``, for this config.
 
     The defaults measured most robust across calibration draws (``benchmarks/robustness.py``): CCDS
-    windows from 4 clusters, and with 8 or more windows the last 2 held out to pick the final mask.
-    Each turns itself off where it cannot work: too few windows, or a method or space that does not
-    pick among untrained layer masks (darwin, rates).
+    windows from 4 clusters, all of them searched, the method started from the masks it starts from
+    on such windows (EvoP: SLEB's, SLEB ranking in stages); on random windows, from 8 on, the last 2
+    held out to pick the final mask. Each turns itself off where it cannot work: too few windows, a
+    method or space that does not pick among untrained layer masks (darwin, rates), or a space the
+    seeding method does not search.
     """
     least, held = AUTO_VALIDATION
-    validation = cfg.validation_samples
+    validation, clusters = cfg.validation_samples, cfg.ccds_clusters
+    if clusters is None:
+        clusters = AUTO_CLUSTERS if cfg.n_samples - (validation or 0) >= AUTO_CLUSTERS else 0
     if validation is None:
         picks = cfg.method.validation_pick and space_of(cfg.space).validation_pick
-        room = cfg.n_samples >= least and cfg.n_samples - held >= (cfg.ccds_clusters or 0)
-        validation = held if picks and room else 0
-    clusters = cfg.ccds_clusters
-    if clusters is None:
-        clusters = AUTO_CLUSTERS if cfg.n_samples - validation >= AUTO_CLUSTERS else 0
-    return {"validation_samples": validation, "ccds_clusters": clusters}
+        validation = held if picks and not clusters and cfg.n_samples >= least else 0
+    seed_with = cfg.seed_with
+    if seed_with is None:
+        starts = [name for name in cfg.method.ccds_seed_with if cfg.space in METHODS[name].spaces]
+        seed_with = starts if clusters else []
+    return {"validation_samples": validation, "ccds_clusters": clusters, "seed_with": seed_with}
 
 
 def known_keys() -> dict[str, str]:
@@ -339,4 +345,4 @@ def from_record(data: dict[str, Any], origin: str) -> SearchConfig:
     the auto fields' values since they exist; one without them was made when they were off (0).
     """
     known = known_keys()
-    return from_dict({**dict.fromkeys(AUTO_FIELDS, 0), **{k: v for k, v in data.items() if k in known}}, origin=origin)
+    return from_dict({**AUTO_OFF, **{k: v for k, v in data.items() if k in known}}, origin=origin)

@@ -313,8 +313,19 @@ def _shortgpt_mask(study: optuna.Study, influence: Sequence[float] | None, num_d
     return lowest(influence, num_drop)
 
 
+def _no_options(cfg: SearchConfig) -> dict[str, Any]:
+    return {}
+
+
 def _sleb_mask(study: optuna.Study, influence: Sequence[float] | None, num_drop: int) -> tuple[int, ...] | None:
     return sleb_result(study)
+
+
+def _sleb_seed_run(cfg: SearchConfig) -> dict[str, Any]:
+    """A seeding SLEB run ranks each greedy step's candidates on half the windows (on CCDS windows, one
+    per cluster) and scores the better half on all: 3/4 of SLEB's evaluations. Ranking after 1 and
+    2 windows (half SLEB's time) left SLEB's path on 1 of 5 draws (docs/results.md)."""
+    return {"fidelity": [cfg.search_samples // 2] if cfg.search_samples >= 2 else None}
 
 
 # --- the registry ---------------------------------------------------------------------------------
@@ -343,7 +354,12 @@ class Method:
     seed: Callable[[optuna.Study, Sequence[float] | None, int], tuple[int, ...] | None] | None = None
     """The mask it gives another method to start from (``seed_with NAME``); None: it cannot seed."""
     seed_needs_run: bool = False
-    """Its seed is the result of its own finished run in the study (SLEB): none in a new study."""
+    """Its seed is the result of its own finished run in the study (SLEB): a search seeded with it
+    runs it first (:func:`seed_runs`)."""
+    seed_run_options: Callable[[SearchConfig], dict[str, Any]] = _no_options
+    """The options its run gets when it runs to seed another method: only its final mask counts."""
+    ccds_seed_with: tuple[str, ...] = ()
+    """The methods whose masks it starts from by default on CCDS windows (``seed_with`` auto)."""
     needs_influence: bool = False
     """Its mask ranks layers by block influence, from the dense pass (ShortGPT)."""
     one_mask: bool = False
@@ -369,7 +385,7 @@ class Method:
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("evop", "EvoP's genetic algorithm over exact-k masks (CCDS clusters as objectives)", _evop,
-           EvoPOptions, pruner=_halving, generations_figure=True),
+           EvoPOptions, pruner=_halving, generations_figure=True, ccds_seed_with=("sleb",)),
     Method("levelswitch", "EvoPress's (1 + lambda) search by level switches", _levelswitch, LevelSwitchOptions,
            single_objective="keeps one parent", pruner=_halving),
     Method("darwin", "DarwinLM's level switches, judged after a staged fine-tune", _darwin, DarwinOptions,
@@ -377,7 +393,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            objective=_darwin_objective, inputs=_darwin_inputs, validation_pick=False),
     Method("sleb", "SLEB's greedy removal of one block at a time", _sleb, SLEBOptions,
            single_objective="is single-objective", pruner=_halving, budget=_until_done,
-           seed=_sleb_mask, seed_needs_run=True),
+           seed=_sleb_mask, seed_needs_run=True, seed_run_options=_sleb_seed_run),
     Method("shortgpt", "ShortGPT's k layers of lowest block influence, one evaluation", _enqueued_only,
            spaces=("layers",), budget=_one_evaluation, seed=_shortgpt_mask, needs_influence=True,
            one_mask=True),
@@ -542,19 +558,13 @@ def seed_methods(cfg: SearchConfig) -> list[tuple[str, Method]]:
     return own + [(f"seed:{m.name}", m) for m in sorted(others, key=lambda m: not m.needs_influence)]
 
 
-def missing_run(cfg: SearchConfig, study: optuna.Study | None) -> Method | None:
-    """The first ``seed_with`` method whose seed is its own finished run, which ``study`` (None: a
-    new study) does not have; None when every seed can be had."""
-    for method in (METHODS[n] for n in cfg.seed_with):
-        if method.seed_needs_run and (study is None or method.seed(study, None, 0) is None):
-            return method
-    return None
-
-
-def missing_run_error(method: Method, study: str | None = None) -> ConfigError:
-    where = f"study {study!r}" if study else "this study"
-    return ConfigError(f"seed_with {method.name} needs a finished {method.name.upper()} run in {where}: "
-                       f"run --sampler {method.name} first")
+def seed_runs(cfg: SearchConfig) -> list[SearchConfig]:
+    """The runs a search of ``cfg`` starts with, in the same study: each ``seed_with`` method whose seed
+    is its own finished run (SLEB), with the options it seeds with and no budget or seeds of its own."""
+    return [
+        cfg.replace(sampler=m.name, seed_with=[], n_trials=None, **m.seed_run_options(cfg))
+        for m in (METHODS[n] for n in cfg.seed_with) if m.seed_needs_run and m.name != cfg.sampler
+    ]
 
 
 def option_values(options: MethodOptions) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from optuna.exceptions import ExperimentalWarning
 
 from optuna_prune import __version__
 from optuna_prune.run.config import DEFAULT_STORAGE, ConfigError, SearchConfig, from_record
-from optuna_prune.run.methods import missing_run, missing_run_error, space_of
+from optuna_prune.run.methods import space_of
 from optuna_prune.run.storage import fail_orphaned_trials, open_storage, refuse_concurrent_sqlite
 from optuna_prune.search import compat
 from optuna_prune.search.record import (
@@ -212,15 +212,12 @@ def check_problem(study: optuna.Study, problem: dict[str, Any], wait: float = 5.
             )
 
 
-def check_resume(cfg: SearchConfig, study: optuna.Study, sampler: optuna.samplers.BaseSampler) -> None:
+def check_resume(study: optuna.Study, sampler: optuna.samplers.BaseSampler) -> None:
     """Refuse, writing nothing, a resume the study would reject once trials run: a sampler set up
-    unlike the run that started its method in the study (e.g. another --population), or seeds
-    from a SLEB run the study does not have."""
+    unlike the run that started its method in the study (e.g. another --population)."""
     check = getattr(sampler, "check_resume", None)
     if check is not None:
         check(study)
-    if (missing := missing_run(cfg, study)) is not None:
-        raise missing_run_error(missing, study.study_name)
 
 
 def config_of(study: optuna.Study) -> SearchConfig:

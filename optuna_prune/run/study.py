@@ -25,10 +25,16 @@ from optuna_prune.outputs import (
     missing_folders,
     remove_empty_folders,
 )
-from optuna_prune.run.budget import BudgetReached, MethodBudget, SearchProgress, method_trials
+from optuna_prune.run.budget import (
+    BudgetReached,
+    Deadline,
+    MethodBudget,
+    SearchProgress,
+    method_trials,
+)
 from optuna_prune.run.config import DEFAULT_STORAGE, ConfigError, SearchConfig
 from optuna_prune.run.final_pick import pick_on_validation
-from optuna_prune.run.methods import missing_run, missing_run_error, seed_methods, space_of
+from optuna_prune.run.methods import seed_methods, seed_runs, space_of
 from optuna_prune.run.problem import (
     check_problem,
     check_resume,
@@ -128,7 +134,7 @@ def _existing_storage(cfg: SearchConfig) -> optuna.storages.BaseStorage | None:
 
 def precheck(cfg: SearchConfig, storage: optuna.storages.BaseStorage | None, new_study: bool) -> None:
     """Refuse before any model is loaded what a resume would refuse after: a ``--study`` made for
-    another model, k, calibration source, fitness or sampler settings, or seeds it cannot give."""
+    another model, k, calibration source, fitness or sampler settings."""
     # deferred: loads safetensors, torch, transformers only when this runs
     from optuna_prune.model.calibration import source_label
     from optuna_prune.model.models import model_identity
@@ -139,8 +145,6 @@ def precheck(cfg: SearchConfig, storage: optuna.storages.BaseStorage | None, new
         names = {s.study_name for s in optuna.get_all_study_summaries(storage)}
         name = name if name in names else None
     if name is None:  # a new study, unless the derived name finds one once the model is loaded
-        if (new_study or cfg.study is not None) and (missing := missing_run(cfg, None)) is not None:
-            raise missing_run_error(missing)
         return
     study = optuna.load_study(study_name=name, storage=storage)
     stored = require_problem(study, fix="use another --study name")
@@ -157,7 +161,7 @@ def precheck(cfg: SearchConfig, storage: optuna.storages.BaseStorage | None, new
     except SpaceError as exc:
         raise ConfigError(str(exc)) from None
     check_problem(study, {"num_drop": space.num_drop}, wait=0, keys=("num_drop",))
-    check_resume(cfg, study, make_sampler(cfg, space, n_objectives_of(cfg)))
+    check_resume(study, make_sampler(cfg, space, n_objectives_of(cfg)))
 
 
 def announce_plan(cfg: SearchConfig, space: LayerMaskSpace) -> None:
@@ -177,10 +181,14 @@ def announce_plan(cfg: SearchConfig, space: LayerMaskSpace) -> None:
         log.info(line)
 
 
-def prepare(cfg: SearchConfig, new_study: bool = False, record_config: bool = True) -> SearchSetup:
+def prepare(
+    cfg: SearchConfig, new_study: bool = False, record_config: bool = True, previous: SearchSetup | None = None
+) -> SearchSetup:
     """Load the model and calibration set, open (or resume) the study, build sampler and objective.
 
-    ``record_config=False`` (a worker joining the study) keeps the config its creator recorded.
+    ``record_config=False`` (a worker joining the study) keeps the config its creator recorded;
+    ``previous`` is an earlier phase of the same search (a seed run): its model, and its fitness with
+    the dense pass and prefix caches when the windows are the same, are used again.
     Every check that can refuse the search runs before anything is written: first the ones that
     need no model (storage, device, a resumed --study's settings), then the model's and the
     calibration corpus's; a study this call created is removed again if its setup fails.
@@ -195,7 +203,10 @@ def prepare(cfg: SearchConfig, new_study: bool = False, record_config: bool = Tr
     storage = _existing_storage(cfg)  # fail on a bad URL before loading anything heavy
     pick_device(cfg.device)
     precheck(cfg, storage, new_study)
-    model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    if previous is not None:
+        model, tokenizer = previous.model, previous.tokenizer
+    else:
+        model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     num_layers = find_layer_stack(model).num_layers
     try:
         space = make_space(cfg, num_layers)
@@ -222,12 +233,10 @@ def prepare(cfg: SearchConfig, new_study: bool = False, record_config: bool = Tr
         if name in {s.study_name for s in optuna.get_all_study_summaries(storage)}:
             existing = optuna.load_study(study_name=name, storage=storage)
             check_problem(existing, problem)
-            check_resume(cfg, existing, sampler)  # before opening it fails orphaned trials
-        elif (missing := missing_run(cfg, None)) is not None:
-            raise missing_run_error(missing)
+            check_resume(existing, sampler)  # before opening it fails orphaned trials
         study, created = open_or_create_study(storage, name, problem, ["minimize"] * n_objectives, sampler, new_study, pruner)
         if not created:
-            check_resume(cfg, study, sampler)  # a process started with this one may have made it
+            check_resume(study, sampler)  # a process started with this one may have made it
     except BaseException:
         _remove_new_storage(storage, new_file, new_folders)
         raise
@@ -237,9 +246,10 @@ def prepare(cfg: SearchConfig, new_study: bool = False, record_config: bool = Tr
         from optuna_prune.model.calibration import split_validation
 
         search_windows, validation = split_validation(calibration, cfg.validation_samples)
+    same_windows = previous is not None and previous.calibration.sha256 == search_windows.sha256
     try:
         setup = _set_up(cfg, study, sampler, pruner, space, model, tokenizer, search_windows, record_config,
-                        inputs)
+                        inputs, fitness=previous.fitness if same_windows else None)
     except BaseException:
         if created:
             _discard_new_study(study, new_file, new_folders)
@@ -283,24 +293,30 @@ def _remove_new_storage(storage: optuna.storages.BaseStorage, new_file: Path | N
     remove_empty_folders(new_folders)
 
 
+def _record_config(study: optuna.Study, cfg: SearchConfig) -> None:
+    """The config workers, export and evaluation read back (:func:`~optuna_prune.run.problem.config_of`)."""
+    study.set_user_attr(CONFIG_ATTR, cfg.replace(study=study.study_name).to_dict())
+
+
 def _set_up(
     cfg: SearchConfig, study: optuna.Study, sampler: optuna.samplers.BaseSampler,
     pruner: optuna.pruners.BasePruner | None, space: LayerMaskSpace, model: Any, tokenizer: Any,
-    calibration: Any, record_config: bool, inputs: Any = None,
+    calibration: Any, record_config: bool, inputs: Any = None, fitness: Any = None,
 ) -> SearchSetup:
     """The part of :func:`prepare` that writes: config and clusters on the study, the fitness (the
-    dense pass), the objective, and the seeds enqueued (``inputs``: what the method's own objective
-    needs, see :attr:`~optuna_prune.run.methods.Method.inputs`)."""
+    dense pass, unless an earlier phase's ``fitness`` on the same windows is given), the objective, and
+    the seeds enqueued (``inputs``: what the method's own objective needs, see
+    :attr:`~optuna_prune.run.methods.Method.inputs`)."""
     # deferred: loads torch, transformers only when this runs
     from optuna_prune.run.objective import CANDIDATE_FAILURES
 
     method, units = cfg.method, space_of(cfg.space)
     if record_config:  # a search or create; a worker joins a study whose k was announced when it was made
         announce_plan(cfg, space)
-        study.set_user_attr(CONFIG_ATTR, cfg.replace(study=study.study_name).to_dict())
+        _record_config(study, cfg)
     if calibration.clusters is not None:
         study.set_user_attr(CCDS_ATTR, calibration.clusters)
-    fitness = units.fitness(cfg, model, calibration)
+    fitness = fitness or units.fitness(cfg, model, calibration)
     if method.objective is not None:
         objective = method.objective(cfg, fitness, space, tokenizer, inputs)
     else:
@@ -319,11 +335,9 @@ def _set_up(
         influence = block_influence(fitness)
         study.set_user_attr(BLOCK_INFLUENCE_ATTR, [round(v, 6) for v in influence])
     seeds: dict[str, tuple[int, ...]] = {}
-    for origin, seeder in seeders:
-        found = seeder.seed(study, influence, space.num_drop)
-        if found is None:
-            raise missing_run_error(seeder)
-        seeds[origin] = found
+    for origin, seeder in seeders:  # a seed run not finished yet (``create``): the workers run it first
+        if (found := seeder.seed(study, influence, space.num_drop)) is not None:
+            seeds[origin] = found
     own = {trial_mask(t, space) for t in method_trials(study, cfg.sampler)}
     waiting = {trial_mask(t, space) for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
     for origin, dropped in seeds.items():
@@ -348,16 +362,48 @@ def run_search(
     config -> model and calibration samples -> study -> sampler proposes masks -> objective scores
     them -> storage. ``n_trials`` is this method's budget in the study, so a re-run after a crash only
     does what is missing. ``max_trials`` caps the trials of this process (one of several workers).
+    A method seeded with another's finished run (``seed_with`` SLEB, on by default on CCDS windows)
+    runs that one first in the same study, unless the study has its result (:func:`seed_runs`).
     ``cfg.timeout`` counts from this call, so the preparation (model, calibration windows, CCDS
-    clustering) is inside it: a user's time budget is the command's wall time, not the trials' alone.
+    clustering) is inside it, and so are the seed runs, the last trial and the validation pick
+    (:class:`Deadline`): a user's time budget is the command's wall time, not the trials' alone.
     """
-    started, rounds = time.monotonic(), 0
-    setup = prepare(cfg, new_study=new_study, record_config=record_config)
+    started, setup = time.monotonic(), None
+    for phase in [*seed_runs(cfg), cfg]:
+        first = setup is None
+        setup = prepare(phase, new_study=new_study and first, record_config=record_config and first, previous=setup)
+        if first and on_study is not None:
+            on_study(setup.study)
+        if phase is cfg:
+            _optimize(setup, cfg, started, progress, max_trials)
+            break
+        if record_config:  # the study's config is the user's search, not its seed run
+            _record_config(setup.study, cfg)
+        seeder = phase.method
+        if seeder.seed(setup.study, None, setup.space.num_drop) is None:
+            log.info("%s runs first, %s starts from its mask (--seed-with '' turns this off)", seeder.name, cfg.sampler)
+            _optimize(setup, phase, started, progress, max_trials)
+        if seeder.seed(setup.study, None, setup.space.num_drop) is None:
+            _logger.warning("optuna-prune: the --timeout ended %s's run before its mask; %s did not run: raise "
+                            "--timeout", seeder.name, cfg.sampler)
+            break
     study = setup.study
-    if on_study is not None:
-        on_study(study)
-    budget = setup.budget
+    if setup.validation is not None:
+        pick_on_validation(study, setup.model, setup.validation, cfg, progress=progress)
+    summarise(study)
+    return study
+
+
+def _optimize(setup: SearchSetup, cfg: SearchConfig, started: float, progress: bool, max_trials: int | None) -> None:
+    """Run ``cfg``'s method in the prepared study until its budget, ``max_trials`` or the timeout
+    (counted from ``started``) ends it."""
+    study, budget, rounds = setup.study, setup.budget, 0
     own = OwnTrials(setup.objective if budget is None else budget.guard(setup.objective))
+    callbacks: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = [] if budget is None else [budget]
+    if cfg.timeout is not None:  # the last trial and the validation pick end inside the timeout
+        windows = 0 if setup.validation is None else setup.validation.n_samples
+        masks = cfg.pick_top + int(cfg.fitness != "perplexity")  # KL's validation fitness runs the dense model first
+        callbacks.append(Deadline(started + cfg.timeout, windows, masks))
     shown: SearchProgress | None = None
     try:
         while True:  # one round, and one more after each trial taken from this worker
@@ -371,8 +417,8 @@ def run_search(
                 if timeout <= 0:
                     if not rounds:
                         _logger.warning(
-                            "optuna-prune: the preparation took the whole --timeout %.0f s; no trial ran: "
-                            "raise --timeout", cfg.timeout,
+                            "optuna-prune: the preparation took the whole --timeout %.0f s; no %s trial ran: "
+                            "raise --timeout", cfg.timeout, cfg.sampler,
                         )
                     break
             if (remaining is not None and remaining <= 0) or (budget is not None and not budget.has_room(study)):
@@ -389,7 +435,7 @@ def run_search(
                     n_trials=remaining,
                     timeout=timeout,
                     catch=(*setup.catch, BudgetReached),
-                    callbacks=[shown] + ([budget] if budget is not None else []),
+                    callbacks=[shown, *callbacks],
                 )
             except BaseException as exc:
                 if interrupted(exc):
@@ -409,7 +455,3 @@ def run_search(
     finally:
         if shown is not None:
             shown.close()
-    if setup.validation is not None:
-        pick_on_validation(study, setup.model, setup.validation, cfg, progress=progress)
-    summarise(study)
-    return study
