@@ -381,7 +381,7 @@ def test_the_timeout_counts_the_preparation(tiny_checkpoint, tmp_path, monkeypat
     with caplog.at_level("WARNING", logger=study_module._logger.name):
         study = run_search(tiny_config(tiny_checkpoint, storage, n_trials=None, timeout=1.0), progress=False)
     assert study.get_trials(deepcopy=False) == []
-    assert "the preparation took the whole --timeout 1 s; no trial ran: raise --timeout" in caplog.text
+    assert "the preparation took the whole --timeout 1 s; no evop trial ran: raise --timeout" in caplog.text
     monkeypatch.setattr(study_module, "prepare", real)
     # Time enough for a loaded CI machine's preparation; the search ends by its own budget long before.
     study = run_search(tiny_config(tiny_checkpoint, storage, n_trials=None, timeout=60.0), progress=False)
