@@ -114,6 +114,22 @@ def test_a_search_seeded_with_sleb_runs_it_first_ranking_in_stages(tiny_checkpoi
     assert len(optuna.load_study(study_name="seeded", storage=open_storage(storage)).trials) == before
 
 
+def test_a_seed_run_cut_by_the_timeout_leaves_evop_unrun_with_one_warning(tiny_checkpoint, tmp_path, monkeypatch,
+                                                                         caplog):
+    """When --timeout ends SLEB's seeding run before its mask, EvoP does not run from nothing: one
+    warning says why, and a re-run with time resumes SLEB and then runs EvoP."""
+    monkeypatch.setattr(Deadline, "seconds", lambda self: 1e9)  # every trial is the last that fits
+    cfg = tiny_config(tiny_checkpoint, f"sqlite:///{tmp_path / 's.db'}", n_samples=4, ccds_clusters=0,
+                      seed_with=["sleb"], n_trials=8, timeout=3600.0)
+    with caplog.at_level("WARNING", logger=study_module._logger.name):
+        study = run_search(cfg, progress=False)
+    assert "sleb's run ended before its mask" in caplog.text and "evop did not run" in caplog.text
+    assert {t.system_attrs.get(METHOD_KEY) for t in study.trials} == {"sleb"} and len(study.trials) == 1
+    monkeypatch.undo()
+    study = run_search(cfg.replace(timeout=None), progress=False)
+    assert sleb_result(study) is not None and len(finished(study)) == 8
+
+
 def _cli_search(checkpoint: Path, storage: str, n_trials: int, extra: tuple[str, ...] = ()) -> list[str]:
     return [
         sys.executable, "-m", "optuna_prune.cli", "search", "--model", str(checkpoint), "--drop", "3",

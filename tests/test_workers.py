@@ -7,6 +7,7 @@ server answers. Workers use one CPU thread each, as one worker per GPU would.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -121,8 +122,15 @@ def wait_all(procs: list[subprocess.Popen], timeout: float = 300) -> None:
         assert code == 0, p.stderr.read()
 
 
+@functools.cache
+def _opened(storage: str) -> optuna.storages.BaseStorage:
+    """One storage per URL: the tests poll it every 0.2 s, and an engine per read used up the
+    PostgreSQL server's connections ("too many clients already") on a slow run."""
+    return open_storage(storage)
+
+
 def load(storage: str) -> optuna.Study:
-    return optuna.load_study(study_name="tiny", storage=open_storage(storage))
+    return optuna.load_study(study_name="tiny", storage=_opened(storage))
 
 
 def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:

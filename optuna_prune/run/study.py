@@ -316,7 +316,8 @@ def _set_up(
         _record_config(study, cfg)
     if calibration.clusters is not None:
         study.set_user_attr(CCDS_ATTR, calibration.clusters)
-    fitness = fitness or units.fitness(cfg, model, calibration)
+    if fitness is None:
+        fitness = units.fitness(cfg, model, calibration)
     if method.objective is not None:
         objective = method.objective(cfg, fitness, space, tokenizer, inputs)
     else:
@@ -384,8 +385,8 @@ def run_search(
             log.info("%s runs first, %s starts from its mask (--seed-with '' turns this off)", seeder.name, cfg.sampler)
             _optimize(setup, phase, started, progress, max_trials)
         if seeder.seed(setup.study, None, setup.space.num_drop) is None:
-            _logger.warning("optuna-prune: the --timeout ended %s's run before its mask; %s did not run: raise "
-                            "--timeout", seeder.name, cfg.sampler)
+            _logger.warning("optuna-prune: %s's run ended before its mask (the --timeout, or this worker's "
+                            "--n-trials); %s did not run: raise it, or run again to resume", seeder.name, cfg.sampler)
             break
     study = setup.study
     if setup.validation is not None:
