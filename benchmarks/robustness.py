@@ -19,7 +19,9 @@ Per sparsity it prints a per-draw table, then for each method
 The JSON (``--out``, default ``benchmarks/results/robustness.json``) holds every mask and number and is
 rewritten after each method of a draw, so a run cut short keeps what it finished. ``--resume`` reuses the
 rows it already has (SLEB's recorded wall time stays the budget), so a later run adds a method to a
-finished one. The ratio lines compare a method with SLEB on the draws both have.
+finished one. The ratio lines compare a method with SLEB on the draws both have; a method whose time ran
+out before it scored any mask of k layers gets a "no mask" row, counted on its own line. ``--time-factor``
+gives the methods under test that many times SLEB's wall time (each row records its ``budget_seconds``).
 
 ``evop+mf`` is EvoP with multi-fidelity selection on random windows (the default search before CCDS and
 the validation split were). ``evop+mf+val`` adds a validation split (``validation_samples = 2``): it
@@ -38,6 +40,7 @@ a draw takes about 27 minutes with one method under test, plus about 9 for each 
     python benchmarks/robustness.py --sparsities 0.2 0.4 --draws 3
     python benchmarks/robustness.py --sparsities 0.2 0.4 --draws 3 --baselines sleb   # SLEB and ours only
     python benchmarks/robustness.py --sparsities 0.3 --draws 5 --methods evop+mf evop+mf+val --resume
+    python benchmarks/robustness.py --sparsities 0.2 --draws 3 --baselines sleb --time-factor 1.3 --resume
 """
 
 from __future__ import annotations
@@ -107,14 +110,20 @@ def summarise(rows: list[dict[str, Any]], sparsity: float, methods: list[str]) -
     ]
     for draw in draws:
         for m in methods:
-            if (r := by.get((draw, m))) is not None:
+            if (r := by.get((draw, m))) is not None and r["held_out"] is None:
+                lines.append(f"| {draw} | {m} | no mask of k layers in its time | - | - | - | - | {r['seconds']:.0f} |")
+            elif r is not None:
                 lines.append(
                     f"| {draw} | {m} | {' '.join(map(str, r['dropped']))} | {r['calibration_ppl']:.2f} | "
                     f"{r['wikitext2_ppl']:.2f} | {r['c4_ppl']:.2f} | {r['held_out']:.2f} | {r['seconds']:.0f} |"
                 )
     lines.append("")
     for m in methods[1:]:
-        paired = [d for d in draws if (d, m) in by and (d, "sleb") in by]
+        ran = [d for d in draws if (d, m) in by and (d, "sleb") in by]
+        paired = [d for d in ran if by[(d, m)]["held_out"] is not None]
+        missed = len(ran) - len(paired)
+        if missed:
+            lines.append(f"{m}: no mask of k layers in SLEB's time on {missed} of {len(ran)} draws")
         if not paired:
             continue
         ours = [by[(d, m)]["held_out"] for d in paired]
@@ -157,6 +166,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=16, help="held-out windows of 512 tokens per dataset")
     parser.add_argument("--storage", default="sqlite:///runs/robustness.db")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "robustness.json"))
+    parser.add_argument("--time-factor", type=float, default=1.0,
+                        help="the methods under test get this many times SLEB's wall time (default 1: the same time)")
     parser.add_argument("--resume", action="store_true", help="reuse the rows --out has for a (sparsity, draw, "
                         "method), SLEB's wall time included as the budget, and run only the rest (e.g. a method "
                         "added to a finished run); --out keeps every row")
@@ -172,7 +183,8 @@ def main() -> None:
     done: dict[tuple[float, int, str], dict[str, Any]] = {}
     for r in earlier["rows"] if earlier else []:  # measured on the same held-out windows (resumed checks)
         done[(r["sparsity"], r["draw"], r["method"])] = r
-        cache[tuple(r["dropped"])] = {d: r[f"{d}_ppl"] for d in HELD_OUT}
+        if r["dropped"] is not None:
+            cache[tuple(r["dropped"])] = {d: r[f"{d}_ppl"] for d in HELD_OUT}
 
     def held_out(dropped: tuple[int, ...]) -> dict[str, float]:
         if dropped not in cache:
@@ -208,23 +220,25 @@ def main() -> None:
                     (sampler, {**changes, "ccds_clusters": args.ccds_clusters} if changes.pop("ccds", False) else changes)
                     for sampler, changes in ((s, dict(c)) for s, c in PHASES[label])
                 ]
-                timeout = None if label in BASELINES else budget
+                timeout = None if label in BASELINES else budget * args.time_factor
                 r = run_method(base, label, timeout, phases=phases)
                 if label == "sleb":
                     budget = r["seconds"]
-                ppl = held_out(tuple(r["dropped"]))
+                ppl = {d: None for d in HELD_OUT} if r["dropped"] is None else held_out(tuple(r["dropped"]))
                 row = {
                     "sparsity": sparsity, "draw": draw, "method": label, "dropped": r["dropped"],
                     "loss": r["loss"], "calibration_ppl": r["calibration_ppl"], "evaluations": r["evaluations"],
                     "seconds": r["seconds"], "phase_seconds": r["phase_seconds"], "search_seconds": r["search_seconds"],
                     "budget_seconds": timeout,
                     "validation_loss": r["validation_loss"],
-                    **{f"{d}_ppl": v for d, v in ppl.items()}, "held_out": held_out_score(ppl),
+                    **{f"{d}_ppl": v for d, v in ppl.items()},
+                    "held_out": None if r["dropped"] is None else held_out_score(ppl),
                     "load": os.getloadavg()[0],
                 }
                 record["rows"].append(row)
-                print(f"{sparsity:.0%} draw {draw} {label}: calib {row['calibration_ppl']:.2f} "
-                      f"held-out {row['held_out']:.2f} in {row['seconds']:.0f} s", flush=True)
+                found = ("no mask of k layers in its time" if row["held_out"] is None else
+                         f"calib {row['calibration_ppl']:.2f} held-out {row['held_out']:.2f}")
+                print(f"{sparsity:.0%} draw {draw} {label}: {found} in {row['seconds']:.0f} s", flush=True)
                 record["summary"] = {
                     f"{s}": summarise(record["rows"], s, shown)
                     for s in dict.fromkeys(r["sparsity"] for r in record["rows"])

@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="join a study as one more worker (e.g. one per GPU) and evaluate candidates")
     p.add_argument("--storage", help=STORAGE_HELP)
     p.add_argument("--study", required=True, help="name of a study made by create or search")
-    p.add_argument("--n-trials", type=int, help="at most this many trials in this worker (default: until the budget)")
+    p.add_argument("--n-trials", type=int, help="at most this many trials in this worker, a seed run's included (default: until the budget)")
     p.add_argument("--device", help="this worker's device, e.g. cuda:1 (default: the study's config)")
     p.add_argument("--no-progress", action="store_true")
 

@@ -20,7 +20,7 @@ from optuna.trial import TrialState, create_trial
 from optuna_prune.cli import main
 from optuna_prune.run import budget as budget_module
 from optuna_prune.run import study as study_module
-from optuna_prune.run.budget import Deadline
+from optuna_prune.run.budget import Deadline, wait_for_running
 from optuna_prune.run.config import SearchConfig
 from optuna_prune.run.final_pick import final_pick
 from optuna_prune.run.problem import StudyMismatchError, open_study
@@ -28,7 +28,8 @@ from optuna_prune.run.storage import StorageError, open_storage
 from optuna_prune.run.study import run_search
 from optuna_prune.run.summary import best_by_method
 from optuna_prune.search.record import METHOD_KEY
-from optuna_prune.search.samplers import EvoPSampler, sleb_result
+from optuna_prune.search.samplers import EvoPSampler, SLEBSampler, sleb_result
+from optuna_prune.search.space import LayerMaskSpace
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -128,6 +129,53 @@ def test_a_seed_run_cut_by_the_timeout_leaves_evop_unrun_with_one_warning(tiny_c
     monkeypatch.undo()
     study = run_search(cfg.replace(timeout=None), progress=False)
     assert sleb_result(study) is not None and len(finished(study)) == 8
+
+
+def test_a_timeout_spent_by_the_seed_run_says_so(tiny_checkpoint, tmp_path, monkeypatch, caplog):
+    """When SLEB's seeding run finishes with no time left for EvoP, the warning names SLEB's run,
+    not the preparation, as what took the --timeout."""
+    optimize = study_module._optimize
+
+    def out_of_time_after_sleb(setup, cfg, started, *args, **kwargs):
+        return optimize(setup, cfg, started - (cfg.sampler == "evop") * 1e6, *args, **kwargs)
+
+    monkeypatch.setattr(study_module, "_optimize", out_of_time_after_sleb)
+    cfg = tiny_config(tiny_checkpoint, f"sqlite:///{tmp_path / 's.db'}", n_samples=4, ccds_clusters=0,
+                      seed_with=["sleb"], n_trials=8, timeout=3600.0)
+    with caplog.at_level("WARNING", logger=study_module._logger.name):
+        study = run_search(cfg, progress=False)
+    assert sleb_result(study) is not None and not finished(study)
+    assert "the preparation and sleb's run took the whole --timeout 3600 s; no evop trial ran" in caplog.text
+
+
+def test_a_workers_n_trials_counts_its_seed_run_too(tiny_checkpoint, tmp_path):
+    """``worker --n-trials N`` caps the worker's trials: SLEB's seeding run uses part of them and EvoP
+    gets the rest, not N more."""
+    cfg = tiny_config(tiny_checkpoint, f"sqlite:///{tmp_path / 's.db'}", n_samples=4, ccds_clusters=0,
+                      seed_with=["sleb"], n_trials=8)
+    sleb_trials = SLEBSampler(LayerMaskSpace(8, 3)).planned_trials()  # every candidate of every greedy step
+    study = run_search(cfg, progress=False, max_trials=sleb_trials + 2)
+    assert sleb_result(study) is not None
+    assert len([t for t in study.trials if t.system_attrs.get(METHOD_KEY) == "sleb"]) == sleb_trials
+    assert len(finished(study)) == 2
+
+
+def test_a_worker_waits_while_other_workers_score_the_seed_runs_last_candidates(tmp_path):
+    """A worker whose part of SLEB's seeding run ends while another worker scores its last candidate
+    waits for that result (then SLEB's mask is in storage) instead of giving up on EvoP."""
+    study = optuna.create_study(study_name="w", storage=open_storage(f"sqlite:///{tmp_path / 's.db'}"))
+    storage = study._storage
+    assert not wait_for_running(study, "sleb")  # nothing runs: no wait
+    other = study.ask()
+    storage.set_trial_system_attr(other._trial_id, METHOD_KEY, "sleb")
+    timer = threading.Timer(0.5, lambda: study.tell(other, 1.0))
+    timer.start()
+    assert wait_for_running(study, "sleb", poll_interval=0.05)
+    assert storage.get_trial(other._trial_id).state == TrialState.COMPLETE
+    stuck = study.ask()
+    storage.set_trial_system_attr(stuck._trial_id, METHOD_KEY, "sleb")
+    assert not wait_for_running(study, "evop")  # another method's trial is not waited for
+    assert not wait_for_running(study, "sleb", until=time.monotonic())  # the --timeout has passed
 
 
 def _cli_search(checkpoint: Path, storage: str, n_trials: int, extra: tuple[str, ...] = ()) -> list[str]:

@@ -30,7 +30,7 @@ from optuna_prune.cli import main
 from optuna_prune.run.storage import ConcurrentSQLiteError, open_storage
 from optuna_prune.run.worker import run_worker
 from optuna_prune.search.record import LEASE_KEY, MASK_KEY, METHOD_KEY, PARENTS_KEY
-from optuna_prune.search.samplers import EvoPSampler
+from optuna_prune.search.samplers import EvoPSampler, sleb_result
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -187,6 +187,25 @@ def test_three_workers_share_one_evolution_and_budget(tiny_checkpoint, pg_url):
     print(f"trials per worker: {sorted(workers.values())}; budget races settled as FAIL: {races}")
     assert set(workers) <= {worker_id(p) for p in procs} and len(workers) >= 2, workers
     assert study.user_attrs["config"].get("device") is None  # workers leave the recorded config alone
+
+
+@pytest.mark.postgres
+def test_workers_share_the_seeding_sleb_run_then_the_evolution(deep_checkpoint, pg_url):
+    """A seeded search on three workers: SLEB's run first, its candidates spread over them; a worker
+    whose part ends while others score SLEB's last candidates waits for them, then all run EvoP (the
+    24-layer model: trials long enough that the last candidates overlap)."""
+    create(deep_checkpoint, pg_url, 12, 2, "--seed-with", "sleb")
+    procs = [start_worker(pg_url) for _ in range(3)]
+    wait_all(procs)
+    errors = [p.stderr.read() for p in procs]
+    assert not any("ended before its mask" in e for e in errors), errors
+    study = load(pg_url)
+    assert sleb_result(study) is not None
+    sleb = [t for t in study.trials if t.system_attrs.get(METHOD_KEY) == "sleb" and t.state.is_finished()]
+    assert len({t.user_attrs["worker"] for t in sleb}) >= 2  # the seed run was shared
+    (seeded,) = [t for t in study.trials if t.user_attrs.get("seeded_from") == "sleb"]
+    assert tuple(seeded.user_attrs["dropped"]) == sleb_result(study)
+    assert len(finished(study)) == 12
 
 
 @pytest.mark.postgres

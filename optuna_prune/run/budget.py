@@ -70,6 +70,22 @@ class Deadline:
             study.stop()
 
 
+def wait_for_running(study: optuna.Study, method: str, until: float | None = None, poll_interval: float = 0.5) -> bool:
+    """Wait while other workers run trials of ``method`` (the last candidates of a seeding SLEB run),
+    failing those whose worker is gone (heartbeats), until none runs or ``until`` (``time.monotonic()``)
+    passes. True if it waited and none runs now: their results, or a retry to run, are in storage."""
+    waited = False
+    while method_trials(study, method, (TrialState.RUNNING,)):
+        if until is not None and time.monotonic() >= until:
+            return False
+        waited = True
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        time.sleep(poll_interval)
+    return waited
+
+
 @dataclass
 class MethodBudget:
     """Stop the study once ``method`` has ``n_trials`` finished trials, exactly, across all workers.

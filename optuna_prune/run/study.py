@@ -31,6 +31,7 @@ from optuna_prune.run.budget import (
     MethodBudget,
     SearchProgress,
     method_trials,
+    wait_for_running,
 )
 from optuna_prune.run.config import DEFAULT_STORAGE, ConfigError, SearchConfig
 from optuna_prune.run.final_pick import pick_on_validation
@@ -362,28 +363,36 @@ def run_search(
 
     config -> model and calibration samples -> study -> sampler proposes masks -> objective scores
     them -> storage. ``n_trials`` is this method's budget in the study, so a re-run after a crash only
-    does what is missing. ``max_trials`` caps the trials of this process (one of several workers).
+    does what is missing. ``max_trials`` caps the trials of this process (one of several workers), its seed runs' included.
     A method seeded with another's finished run (``seed_with`` SLEB, on by default on CCDS windows)
-    runs that one first in the same study, unless the study has its result (:func:`seed_runs`).
+    runs that one first in the same study, unless the study has its result (:func:`seed_runs`); a
+    worker whose part of it ends while other workers score its last candidates waits for them.
     ``cfg.timeout`` counts from this call, so the preparation (model, calibration windows, CCDS
     clustering) is inside it, and so are the seed runs, the last trial and the validation pick
     (:class:`Deadline`): a user's time budget is the command's wall time, not the trials' alone.
     """
-    started, setup = time.monotonic(), None
+    started, setup, left, before = time.monotonic(), None, max_trials, "the preparation"
+    deadline = None if cfg.timeout is None else started + cfg.timeout
     for phase in [*seed_runs(cfg), cfg]:
         first = setup is None
         setup = prepare(phase, new_study=new_study and first, record_config=record_config and first, previous=setup)
         if first and on_study is not None:
             on_study(setup.study)
         if phase is cfg:
-            _optimize(setup, cfg, started, progress, max_trials)
+            _optimize(setup, cfg, started, progress, left, before=before)
             break
         if record_config:  # the study's config is the user's search, not its seed run
             _record_config(setup.study, cfg)
         seeder = phase.method
         if seeder.seed(setup.study, None, setup.space.num_drop) is None:
             log.info("%s runs first, %s starts from its mask (--seed-with '' turns this off)", seeder.name, cfg.sampler)
-            _optimize(setup, phase, started, progress, max_trials)
+            before = f"the preparation and {seeder.name}'s run"
+            while True:  # other workers may still score the run's last candidates: wait for them
+                ran = _optimize(setup, phase, started, progress, left)
+                left = None if left is None else left - ran
+                if (seeder.seed(setup.study, None, setup.space.num_drop) is not None or left == 0
+                        or not wait_for_running(setup.study, seeder.name, deadline)):
+                    break
         if seeder.seed(setup.study, None, setup.space.num_drop) is None:
             _logger.warning("optuna-prune: %s's run ended before its mask (the --timeout, or this worker's "
                             "--n-trials); %s did not run: raise it, or run again to resume", seeder.name, cfg.sampler)
@@ -395,9 +404,11 @@ def run_search(
     return study
 
 
-def _optimize(setup: SearchSetup, cfg: SearchConfig, started: float, progress: bool, max_trials: int | None) -> None:
+def _optimize(setup: SearchSetup, cfg: SearchConfig, started: float, progress: bool, max_trials: int | None,
+              before: str = "the preparation") -> int:
     """Run ``cfg``'s method in the prepared study until its budget, ``max_trials`` or the timeout
-    (counted from ``started``) ends it."""
+    (counted from ``started``; ``before``: what ran since then) ends it; return how many trials this
+    process started."""
     study, budget, rounds = setup.study, setup.budget, 0
     own = OwnTrials(setup.objective if budget is None else budget.guard(setup.objective))
     callbacks: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = [] if budget is None else [budget]
@@ -418,8 +429,8 @@ def _optimize(setup: SearchSetup, cfg: SearchConfig, started: float, progress: b
                 if timeout <= 0:
                     if not rounds:
                         _logger.warning(
-                            "optuna-prune: the preparation took the whole --timeout %.0f s; no %s trial ran: "
-                            "raise --timeout", cfg.timeout, cfg.sampler,
+                            "optuna-prune: %s took the whole --timeout %.0f s; no %s trial ran: "
+                            "raise --timeout", before, cfg.timeout, cfg.sampler,
                         )
                     break
             if (remaining is not None and remaining <= 0) or (budget is not None and not budget.has_room(study)):
@@ -456,3 +467,4 @@ def _optimize(setup: SearchSetup, cfg: SearchConfig, started: float, progress: b
     finally:
         if shown is not None:
             shown.close()
+    return own.started
