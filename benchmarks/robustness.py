@@ -110,9 +110,11 @@ def summarise(rows: list[dict[str, Any]], sparsity: float, methods: list[str]) -
     ]
     for draw in draws:
         for m in methods:
-            if (r := by.get((draw, m))) is not None and r["held_out"] is None:
+            if (r := by.get((draw, m))) is None:
+                continue
+            if r["held_out"] is None:
                 lines.append(f"| {draw} | {m} | no mask of k layers in its time | - | - | - | - | {r['seconds']:.0f} |")
-            elif r is not None:
+            else:
                 lines.append(
                     f"| {draw} | {m} | {' '.join(map(str, r['dropped']))} | {r['calibration_ppl']:.2f} | "
                     f"{r['wikitext2_ppl']:.2f} | {r['c4_ppl']:.2f} | {r['held_out']:.2f} | {r['seconds']:.0f} |"

@@ -104,12 +104,13 @@ def run_method(
         study = run_search(cfg, progress=False, on_study=lambda s: search_start.setdefault("t", time.perf_counter()))
         phase_seconds.append(time.perf_counter() - started["clock"] - sum(phase_seconds))
     seconds = time.perf_counter() - started["clock"]
-    if not best_by_method(study):  # the time ran out before any mask of k layers was scored
+    bests = best_by_method(study)
+    if not bests:  # the time ran out before any mask of k layers was scored
         return {"method": label, "dropped": None, "loss": None, "calibration_ppl": None,
                 "evaluations": len(study.get_trials(deepcopy=False)), "seconds": seconds,
                 "phase_seconds": phase_seconds, "search_seconds": time.perf_counter() - search_start["t"],
                 "curve": [], "validation_loss": None}
-    best = min(best_by_method(study).values(), key=lambda entry: entry["value"])
+    best = min(bests.values(), key=lambda entry: entry["value"])
     pick = final_pick(study)
     if pick is not None:  # a validation split: the study's final mask, the one export --best ships
         best = {"dropped": pick["dropped"], "value": pick["search_loss"]}

@@ -70,6 +70,13 @@ class Deadline:
             study.stop()
 
 
+def _fail_stale(study: optuna.Study) -> None:
+    """Fail (and re-queue) the trials whose worker's heartbeat went stale, so a wait on them ends."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
 def wait_for_running(study: optuna.Study, method: str, until: float | None = None, poll_interval: float = 0.5) -> bool:
     """Wait while other workers run trials of ``method`` (the last candidates of a seeding SLEB run),
     failing those whose worker is gone (heartbeats), until none runs or ``until`` (``time.monotonic()``)
@@ -79,9 +86,7 @@ def wait_for_running(study: optuna.Study, method: str, until: float | None = Non
         if until is not None and time.monotonic() >= until:
             return False
         waited = True
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)
+        _fail_stale(study)
         time.sleep(poll_interval)
     return waited
 
@@ -114,9 +119,7 @@ class MethodBudget:
                 return True
             if not compat.is_heartbeat_enabled(compat.study_storage(study)):
                 return False  # dead workers cannot be told from slow ones: leave the rest to them
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ExperimentalWarning)
-                optuna.storages.fail_stale_trials(study)
+            _fail_stale(study)
             time.sleep(self.poll_interval)
 
     def admits(self, study: optuna.Study, trial: optuna.trial.BaseTrial) -> bool:

@@ -363,7 +363,8 @@ def run_search(
 
     config -> model and calibration samples -> study -> sampler proposes masks -> objective scores
     them -> storage. ``n_trials`` is this method's budget in the study, so a re-run after a crash only
-    does what is missing. ``max_trials`` caps the trials of this process (one of several workers), its seed runs' included.
+    does what is missing. ``max_trials`` caps the trials of this process (one of several workers),
+    its seed runs' included.
     A method seeded with another's finished run (``seed_with`` SLEB, on by default on CCDS windows)
     runs that one first in the same study, unless the study has its result (:func:`seed_runs`); a
     worker whose part of it ends while other workers score its last candidates waits for them.
@@ -384,16 +385,17 @@ def run_search(
         if record_config:  # the study's config is the user's search, not its seed run
             _record_config(setup.study, cfg)
         seeder = phase.method
-        if seeder.seed(setup.study, None, setup.space.num_drop) is None:
+        mask = seeder.seed(setup.study, None, setup.space.num_drop)
+        if mask is None:
             log.info("%s runs first, %s starts from its mask (--seed-with '' turns this off)", seeder.name, cfg.sampler)
             before = f"the preparation and {seeder.name}'s run"
             while True:  # other workers may still score the run's last candidates: wait for them
                 ran = _optimize(setup, phase, started, progress, left)
                 left = None if left is None else left - ran
-                if (seeder.seed(setup.study, None, setup.space.num_drop) is not None or left == 0
-                        or not wait_for_running(setup.study, seeder.name, deadline)):
+                mask = seeder.seed(setup.study, None, setup.space.num_drop)
+                if mask is not None or left == 0 or not wait_for_running(setup.study, seeder.name, deadline):
                     break
-        if seeder.seed(setup.study, None, setup.space.num_drop) is None:
+        if mask is None:
             _logger.warning("optuna-prune: %s's run ended before its mask (the --timeout, or this worker's "
                             "--n-trials); %s did not run: raise it, or run again to resume", seeder.name, cfg.sampler)
             break
