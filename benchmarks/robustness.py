@@ -31,8 +31,9 @@ the lowest loss on the last 2 (calibration windows, not held-out text); its ``ca
 what ``optuna-prune search`` did by default with 8 windows on 2026-12-04. ``sleb+mf>evop+ccds+val``
 runs SLEB ranking each greedy step's candidates in stages on those windows, then EvoP seeded with its
 mask for the rest of the budget; the validation pick chooses among both. ``sleb+mf>evop+ccds`` is the
-same on all 8 CCDS windows, no split; ``default`` is what the package does now: the same, SLEB
-ranking on half the windows (one per cluster) before scoring the better half on all, in one run.
+same on all 8 CCDS windows, no split; ``default`` is what the package does now: the same in one run,
+SLEB ranking each step's candidates on a lower bound of their loss on 2 windows, then 4 (one per
+cluster), before scoring the better quarter on all (before 2026-12-06: exact losses on 4 windows).
 
 Usage (measured on an idle 2-core machine, 2026-12-04: SLEB's search takes about 8 minutes at 30%, so
 a draw takes about 27 minutes with one method under test, plus about 9 for each further one):

@@ -105,6 +105,22 @@ def test_vocabulary_bound_stops_exactly_for_every_arch(tiny_model, arch):
     assert not hopeless.complete and hopeless.samples == () and heads == []
 
 
+def test_per_sample_bounds_are_below_the_losses_and_cost_no_full_head(tiny_model):
+    """``iter_bounds`` (what staged selection ranks its first stage on) gives, per sample, a lower
+    bound of the loss ``iter_samples`` gives, without running the full LM head."""
+    model = tiny_model("llama", num_layers=6)
+    fitness = PerplexityFitness(model, random_calibration(n=3), bound_fraction=1 / 8)
+    assert fitness.has_bound and not PerplexityFitness(model, random_calibration(n=3), bound_fraction=0).has_bound
+    heads = []
+    model.get_output_embeddings().register_forward_hook(lambda *_: heads.append(1))
+    bounds = list(fitness.iter_bounds((1, 4)))
+    assert heads == [] and [b.index for b in bounds] == [0, 1, 2]
+    exact = list(fitness.iter_samples((1, 4)))
+    assert all(0 < b.loss_sum <= e.loss_sum + 1e-6 for b, e in zip(bounds, exact, strict=True))
+    assert [b.n_tokens for b in bounds] == [e.n_tokens for e in exact]
+    assert any(b.loss_sum < 0.999 * e.loss_sum for b, e in zip(bounds, exact, strict=True))  # a bound, not a copy
+
+
 def test_bound_fraction_is_checked(tiny_model):
     with pytest.raises(ValueError, match="bound_fraction"):
         PerplexityFitness(tiny_model("llama"), random_calibration(), bound_fraction=2)

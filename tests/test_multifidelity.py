@@ -15,6 +15,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from optuna_prune.run.config import ConfigError, SearchConfig
+from optuna_prune.run.methods import seed_runs
 from optuna_prune.search.pruners import (
     GenerationHalvingPruner,
     check_stages,
@@ -97,6 +98,40 @@ def test_staged_scoring_stops_exactly_at_stop_above() -> None:
     assert score.stopped is None
 
 
+@pytest.mark.parametrize("outcome", ["outranked", "bound cannot beat", "exact cannot beat", "goes on"])
+def test_stages_rank_lower_bounds_and_only_survivors_compute_exact_losses(outcome: str) -> None:
+    """With per-sample lower bounds, every stage reports the bounds' running mean; a candidate
+    outranked there, or whose bounds already pass stop_above, never computes an exact loss. One
+    that passes every stage is scored exactly, sample by sample, while stop_above stays in reach
+    (the bounds of the samples not yet exact complete the lower bound)."""
+    pruner = _Pruner(20 if outcome == "outranked" else None)
+    study = optuna.create_study(pruner=pruner)
+    trial = study.ask()
+    bounds = [ToySample(v, 10) for v in (5.0, 15.0, 0.0, 0.0)]
+    consumed: list[int] = []
+
+    def exact():
+        for i, v in enumerate((10.0, 20.0, 30.0, 40.0)):
+            consumed.append(i)
+            yield ToySample(v, 10)
+
+    stop_above = {"bound cannot beat": 0.4, "exact cannot beat": 1.0}.get(outcome)
+    score = score_in_stages(trial, exact(), n_samples=4, total_tokens=40, stages=(2, 3),
+                            stop_above=stop_above, bounds=iter(bounds))
+    reported = study._storage.get_trial(trial._trial_id).intermediate_values
+    if outcome == "goes on":
+        assert score.stopped is None and consumed == [0, 1, 2, 3] and score.loss_sum == 100.0
+        assert reported == {20: 1.0, 30: 20 / 30, 40: 2.5}  # the bounds' running means, then the exact mean
+        assert pruner.asked == [20, 30]
+    elif outcome == "exact cannot beat":  # lower bounds 25, 30, then 60 > 1.0 * 40 after the third exact loss
+        assert consumed == [0, 1, 2] and score.stopped == "cannot beat 1.0000" and score.loss_sum == 60.0
+        assert reported == {20: 1.0, 30: 20 / 30, 40: 1.5}
+    else:  # 20 / 40 tokens > 0.4 after the second bound; outranked at the first stage
+        assert consumed == [] and score.samples == [] and score.loss_sum == 20.0
+        assert score.stopped.startswith(outcome.removeprefix("bound "))
+        assert reported == {20: 1.0}
+
+
 def test_stage_schedules_are_checked_and_default_to_doubling() -> None:
     assert [default_stages(n) for n in (1, 2, 4, 5, 8, 9)] == [
         (), (1,), (1, 2), (1, 2, 4), (1, 2, 4), (1, 2, 4, 8),
@@ -107,6 +142,9 @@ def test_stage_schedules_are_checked_and_default_to_doubling() -> None:
     assert SearchConfig(sparsity=0.2, sampler="random").fidelity_stages() == ()
     worst = SearchConfig(sparsity=0.2, n_samples=4, ccds_clusters=2, objective_mode="worst")
     assert worst.fidelity_stages() == ()
+    # The SLEB run that seeds EvoP on CCDS windows ranks on two clusters' windows, then one window per cluster.
+    assert [r.fidelity_stages() for r in seed_runs(SearchConfig(sparsity=0.2, n_samples=8))] == [(2, 4)]
+    assert [r.fidelity_stages() for r in seed_runs(SearchConfig(sparsity=0.2, n_samples=4))] == [(1, 2)]
     assert check_stages([1, 2, 4], 8) == (1, 2, 4)
     for bad in ([2, 1], [0, 1], [1, 1], [8]):
         with pytest.raises(ValueError):
@@ -320,9 +358,11 @@ def test_run_search_scores_in_stages(tiny_checkpoint: Path, tmp_path: Path, samp
         per_sample = t.user_attrs["per_sample"]
         steps = sorted(t.intermediate_values)
         assert steps == [tokens * n for n in (1, 2, 4)[: len(steps)]]
-        assert t.intermediate_values[steps[-1]] == pytest.approx(sum(per_sample) / len(per_sample), abs=1e-5)
-        if t.state == TrialState.COMPLETE:
-            assert steps[-1] == 4 * tokens and t.value == pytest.approx(t.intermediate_values[steps[-1]])
+        if t.state == TrialState.COMPLETE:  # the stages ranked lower bounds of the exact running means
+            assert steps[-1] == 4 * tokens and t.value == pytest.approx(sum(per_sample) / 4, abs=1e-5)
+            assert t.value == pytest.approx(t.intermediate_values[steps[-1]])
+            for n in (1, 2):
+                assert t.intermediate_values[tokens * n] <= sum(per_sample[:n]) / n + 1e-6
         else:
             assert t.state == TrialState.PRUNED and t.user_attrs["stopped_early"]
             assert len(per_sample) < 4

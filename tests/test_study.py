@@ -93,7 +93,7 @@ def test_shortgpt_and_sleb_share_the_study_with_evop(tiny_checkpoint, tmp_path):
 
 def test_a_search_seeded_with_sleb_runs_it_first_ranking_in_stages(tiny_checkpoint, tmp_path, capsys):
     """--seed-with sleb on a study without SLEB's result runs SLEB first in the same study, each
-    greedy step's candidates ranked on half the windows (only its mask counts), then EvoP from
+    greedy step's candidates ranked on a lower bound over 1, then 2 of the 4 windows (only its mask counts), then EvoP from
     its mask; the study keeps EvoP's config, and a re-run finds SLEB's result and adds nothing."""
     storage = f"sqlite:///{tmp_path / 's.db'}"
     args = ["search", "--model", str(tiny_checkpoint), "--drop", "3", "--calibration", "pydoc", "--n-samples", "4",
@@ -103,8 +103,9 @@ def test_a_search_seeded_with_sleb_runs_it_first_ranking_in_stages(tiny_checkpoi
     assert "sleb runs first, evop starts from its mask" in capsys.readouterr().err
     study = optuna.load_study(study_name="seeded", storage=open_storage(storage))
     sleb = [t for t in study.trials if t.system_attrs.get(METHOD_KEY) == "sleb"]
-    staged = [t for t in sleb if t.state == TrialState.PRUNED and len(t.user_attrs["per_sample"]) == 2]
-    assert staged  # candidates of a greedy step cut after 2 of the 4 windows
+    staged = [t for t in sleb if t.state == TrialState.PRUNED and t.user_attrs["per_sample"] == []
+              and max(t.intermediate_values) <= 2 * 31]
+    assert staged  # candidates of a greedy step stopped on the bound of 1 or 2 of the 4 windows, no exact loss
     (seeded,) = [t for t in study.trials if t.user_attrs.get("seeded_from")]
     assert tuple(seeded.user_attrs["dropped"]) == sleb_result(study)
     assert len(finished(study)) == 8

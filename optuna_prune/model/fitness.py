@@ -14,7 +14,8 @@ A search scores thousands of masks, so the fitness never reruns what it already 
   ``stop_above`` first gets, per sample, an exact lower bound of its loss from a few vocabulary rows
   (the targets and the dense model's likeliest tokens: the log-sum-exp over a subset of the
   vocabulary is below the one over all of it). A candidate whose bounds already exceed
-  ``stop_above`` stops without a single full head.
+  ``stop_above`` stops without a single full head; staged selection ranks its stages on the same
+  bounds (``iter_bounds``).
 
 Everything here is model side: it knows nothing of Optuna.
 """
@@ -179,7 +180,7 @@ class Fitness(abc.ABC):
         self.device = next(model.parameters()).device
         self._tail = lm_tail(model)
         vocab = self._tail.head.weight.shape[0] if self._tail.linear else 0
-        self._bound_rows = int(vocab * bound_fraction) if self._has_bound() else 0
+        self._bound_rows = int(vocab * bound_fraction) if self._defines_bound() else 0
         self.cache = PrefixCache(cache_bytes)
         self._memo: dict[tuple[int, ...], FitnessResult] = {}
         self.layer_forwards = 0
@@ -285,7 +286,7 @@ class Fitness(abc.ABC):
     def _loss_sums(self, features: torch.Tensor, batch: _Batch, dense: bool = False) -> torch.Tensor:
         """Per-sample sums of the non-negative per-token loss, shape [batch], from the head's input."""
 
-    def _has_bound(self) -> bool:
+    def _defines_bound(self) -> bool:
         """Whether this fitness defines ``_bound_sums``."""
         return False
 
@@ -349,6 +350,26 @@ class Fitness(abc.ABC):
                     sums = self._loss_sums(self._tail.features(hidden), batch).tolist()
             yield from self._checked(dropped, batch, sums)
 
+    @property
+    def has_bound(self) -> bool:
+        """Whether :meth:`iter_bounds` gives cheap lower bounds (a linear LM head and a bound fraction)."""
+        return bool(self._bound_rows)
+
+    def iter_bounds(self, dropped: Sequence[int]) -> Iterator[SampleLoss]:
+        """Yield per-sample lower bounds of the loss: the layers, then the bound's vocabulary rows only."""
+        key = check_drop(self.num_units, dropped, self._unit)
+        for _, bounds in self._bounds(key):
+            yield from bounds
+
+    def _bounds(self, dropped: tuple[int, ...]) -> Iterator[tuple[torch.Tensor, list[SampleLoss]]]:
+        """Per batch: the head's input features under the mask and the samples' lower bounds."""
+        bits = self._bits(dropped)
+        for b, batch in enumerate(self._batches):
+            with inference_mode(self.device):
+                features = self._tail.features(self._hidden_after_layers(b, batch, bits))
+                bound = self._bound_sums(features, batch)
+            yield features, self._checked(dropped, batch, bound.tolist())
+
     def evaluate(self, dropped: Sequence[int], stop_above: float | None = None) -> FitnessResult:
         """Mean per-token loss of the mask; stops exactly once it must exceed ``stop_above``."""
         key = check_drop(self.num_units, dropped, self._unit)
@@ -390,14 +411,11 @@ class Fitness(abc.ABC):
 
         Returns the exact samples and a lower bound of the loss sum (exact when all samples are).
         """
-        bits = self._bits(dropped)
         features: list[torch.Tensor] = []
         bounds: list[float] = []
-        for b, batch in enumerate(self._batches):
-            with inference_mode(self.device):
-                features.append(self._tail.features(self._hidden_after_layers(b, batch, bits)))
-                bound = self._bound_sums(features[-1], batch)
-            bounds.append(sum(s.loss_sum for s in self._checked(dropped, batch, bound.tolist())))
+        for batch_features, batch_bounds in self._bounds(dropped):
+            features.append(batch_features)
+            bounds.append(sum(s.loss_sum for s in batch_bounds))
             if sum(bounds) > limit:
                 return [], sum(bounds)
         samples: list[SampleLoss] = []
@@ -473,7 +491,7 @@ class PerplexityFitness(Fitness):
     def _loss_sums(self, features: torch.Tensor, batch: _Batch, dense: bool = False) -> torch.Tensor:
         return token_losses(self._tail, features, batch.input_ids.to(features.device)).sum(dim=1)
 
-    def _has_bound(self) -> bool:
+    def _defines_bound(self) -> bool:
         return True
 
     def _bound_sums(self, features: torch.Tensor, batch: _Batch) -> torch.Tensor:

@@ -108,6 +108,7 @@ class MaskObjective:
         score = score_in_stages(
             trial, fitness.iter_samples(dropped), n_samples=len(fitness.calibration.input_ids),
             total_tokens=fitness.total_tokens, stages=self.stages, stop_above=stop_above,
+            bounds=fitness.iter_bounds(dropped) if fitness.has_bound and dropped else None,
         )
         result = FitnessResult(
             dropped=dropped, value=score.loss_sum / fitness.total_tokens,

@@ -7,14 +7,16 @@ pieces, used by the objective (staged scoring) and the study (the pruner):
 * :func:`score_in_stages` consumes a candidate's per-sample losses in order; after each stage of
   a schedule (a number of calibration samples) it reports the running mean loss to Optuna with
   ``step`` = tokens scored so far, and asks the pruner whether to go on. It also stops exactly
-  once the candidate cannot beat the sampler's ``STOP_ABOVE_KEY`` threshold.
+  once the candidate cannot beat the sampler's ``STOP_ABOVE_KEY`` threshold. Given cheap per-sample
+  lower bounds (the perplexity's vocabulary bound), the stages rank those, and only a candidate that
+  passed every stage computes its exact losses.
 * :class:`GenerationHalvingPruner` is successive halving within one generation of a GA sampler
   (an EvoP generation, a level-switch round) or one step of SLEB's greedy search: at each stage a
   candidate goes on only if its running mean ranks in the best ``keep`` fraction of the
   generation's members (and the generation's parents) that reached the same step.
 
-The intermediate value of a staged trial is a running mean over the samples scored so far, an
-estimate of the full loss, not a bound: a PRUNED trial's loss is inexact (``trial_loss`` gives
+The intermediate value of a staged trial is a running mean over the samples scored so far (of the
+losses or of their bounds), an estimate of the full loss: a PRUNED trial's loss is inexact (``trial_loss`` gives
 ``exact=False``) and the GA samplers rank every PRUNED member after every COMPLETE one.
 
 Default schedule (:func:`default_stages`): rank after 1, 2, 4, ... samples, keep the better half
@@ -88,6 +90,7 @@ def score_in_stages(
     total_tokens: int,
     stages: Sequence[int],
     stop_above: float | None = None,
+    bounds: Iterable[S] | None = None,
 ) -> StagedScore[S]:
     """Consume per-sample losses; after each stage report the running mean and ask the pruner.
 
@@ -96,25 +99,45 @@ def score_in_stages(
     ``stop_above`` the scoring also stops once ``loss_sum / total_tokens`` (a lower bound of the
     full mean, the per-token losses being non-negative) exceeds it. A stopped candidate's last
     intermediate value is its running mean.
+
+    ``bounds`` are per-sample lower bounds of the same losses, far cheaper (the layers without the
+    LM head, which costs a small model's candidate as much as its layers): the stages then rank the
+    bounds' running means, ``stop_above`` stops on their sum, and only a candidate that passed every
+    stage computes its exact losses, while ``stop_above`` stays in reach (the bounds of the samples
+    not yet exact keep the sum a lower bound). Every candidate of a generation must get bounds,
+    so that a stage ranks like with like.
     """
-    scored: list[S] = []
+    ranked = samples if bounds is None else bounds
+    seen: list[S] = []
     loss, tokens = 0.0, 0
-    for sample in samples:
-        scored.append(sample)
+    for sample in ranked:
+        seen.append(sample)
         loss += sample.loss_sum
         tokens += sample.n_tokens
-        if len(scored) >= n_samples:
+        last = len(seen) >= n_samples
+        # An exact loss is complete at the last sample, even above stop_above; a bound is not.
+        doomed = stop_above is not None and not (last and bounds is None) and loss / total_tokens > stop_above
+        if doomed or (not last and len(seen) in stages):
+            trial.report(loss / tokens, step=tokens)
+            exact = seen if bounds is None else []
+            if doomed:
+                return StagedScore(exact, loss, tokens, f"cannot beat {stop_above:.4f}")
+            if trial.should_prune():
+                return StagedScore(exact, loss, tokens, f"outranked in its generation after {tokens} tokens")
+        if last:
             break
-        doomed = stop_above is not None and loss / total_tokens > stop_above
-        if not doomed and len(scored) not in stages:
-            continue
+    if bounds is None:
         trial.report(loss / tokens, step=tokens)
-        if doomed:
-            return StagedScore(scored, loss, tokens, f"cannot beat {stop_above:.4f}")
-        if trial.should_prune():
-            return StagedScore(scored, loss, tokens, f"outranked in its generation after {tokens} tokens")
+        return StagedScore(seen, loss, tokens, None)
+    exact = []
+    for sample, bound in zip(samples, seen, strict=True):
+        exact.append(sample)
+        loss += sample.loss_sum - bound.loss_sum
+        if stop_above is not None and len(exact) < n_samples and loss / total_tokens > stop_above:
+            trial.report(loss / tokens, step=tokens)
+            return StagedScore(exact, loss, tokens, f"cannot beat {stop_above:.4f}")
     trial.report(loss / tokens, step=tokens)
-    return StagedScore(scored, loss, tokens, None)
+    return StagedScore(exact, loss, tokens, None)
 
 
 class GenerationHalvingPruner(BasePruner):
