@@ -106,7 +106,7 @@ def test_vocabulary_bound_stops_exactly_for_every_arch(tiny_model, arch):
 
 
 def test_per_sample_bounds_are_below_the_losses_and_cost_no_full_head(tiny_model):
-    """``iter_bounds`` (what staged selection ranks its first stage on) gives, per sample, a lower
+    """``iter_bounds`` (what staged selection ranks its stages on) gives, per sample, a lower
     bound of the loss ``iter_samples`` gives, without running the full LM head."""
     model = tiny_model("llama", num_layers=6)
     fitness = PerplexityFitness(model, random_calibration(n=3), bound_fraction=1 / 8)
